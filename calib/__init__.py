@@ -1,0 +1,1 @@
+"""Accuracy: calibration data, activation ranges, FP16 precision plans and comparison reports."""

@@ -1,0 +1,64 @@
+"""Shared test plumbing: hardware markers that skip themselves, and cached tiny checkpoints.
+
+Markers (pyproject.toml): `slow` is excluded from the default run; `gpu` skips without a CUDA
+device; `trt` skips without TensorRT. A machine that has them runs them with `-m gpu` / `-m trt`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+TINY_WIDTH_DIV = 4  # channel divisor of the fast-test model (official sizes are width_div=1)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _has_tensorrt() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_trt = pytest.mark.skip(reason="needs TensorRT (pip install 'sgex[trt]' on a machine with an NVIDIA GPU)")
+    has_cuda = has_trt = None
+    for item in items:
+        if "gpu" in item.keywords:
+            has_cuda = _has_cuda() if has_cuda is None else has_cuda
+            if not has_cuda:
+                item.add_marker(skip_gpu)
+        if "trt" in item.keywords:
+            has_trt = _has_tensorrt() if has_trt is None else has_trt
+            if not has_trt:
+                item.add_marker(skip_trt)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """tiny_ckpt(task, variant=None, seed=0) -> path of a random official-format checkpoint at
+    width_div=4, written once per session and reused."""
+    cache: dict = {}
+    root = tmp_path_factory.mktemp("ckpt")
+
+    def make(task: str, variant: str | None = None, seed: int = 0) -> str:
+        key = (task, variant, seed)
+        if key not in cache:
+            from export.checkpoint import random_checkpoint
+
+            path = root / f"{task}-{variant or 'default'}-{seed}.pt"
+            random_checkpoint(task, seed=seed, variant=variant, width_div=TINY_WIDTH_DIV, path=str(path))
+            cache[key] = str(path)
+        return cache[key]
+
+    return make

@@ -22,6 +22,10 @@ see `transposed_to_conv_weight`).
   "reference"  plain PyTorch below (any device, any dtype, exports to standard ONNX ops)
   "triton"     the fused kernel in modconv_triton.py (CUDA, or CPU under TRITON_INTERPRET=1)
   "auto"       "triton" for CUDA tensors when Triton imports, else "reference"; logs its choice
+  "plugin"     the custom op torch.ops.sgex.fused_modconv (kernels/onnx_op.py): computes the
+               reference eagerly, and the dynamo ONNX exporter with
+               onnx_op.onnx_translation_table() writes it as ONE FusedModulatedConv2d node
+               (ONNX Runtime: onnxruntime-extensions op; TensorRT: plugin in trt_plugin.py)
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ LRELU_SLOPE = 0.2
 LRELU_GAIN = math.sqrt(2.0)
 DEMOD_EPS = 1e-8
 
-IMPLS = ("reference", "triton", "auto")
+IMPLS = ("reference", "triton", "auto", "plugin")
 _auto_logged: set[str] = set()
 
 
@@ -137,6 +141,27 @@ def _resolve_impl(impl: str, x: torch.Tensor) -> str:
     return chosen
 
 
+def _plugin_call(x, weight, style, *, demodulate, dilation, padding, noise, noise_strength,
+                 bias, activate) -> torch.Tensor:
+    from kernels.onnx_op import torch_op
+
+    if padding is None:
+        padding = dilation * (weight.shape[-1] - 1) // 2
+    if noise is not None and not isinstance(noise_strength, torch.Tensor):
+        # The op takes the gain as a tensor; a Python float becomes a [1] constant in style's dtype.
+        noise_strength = torch.full((1,), 1.0 if noise_strength is None else float(noise_strength),
+                                    dtype=style.dtype, device=x.device)
+    if noise is None:
+        noise_strength = None
+    else:
+        # The node's type constraints: noise like x (T), the gain like style (S).
+        noise, noise_strength = noise.to(x.dtype), noise_strength.to(style.dtype)
+    if bias is not None:
+        bias = bias.to(x.dtype)
+    return torch_op()(x, weight, style, noise, noise_strength, bias, int(dilation), int(padding),
+                      bool(demodulate), bool(activate))
+
+
 def modulated_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -162,7 +187,7 @@ def modulated_conv2d(
         noise: [B, 1, Ho, Wo] added after demodulation, scaled by noise_strength (scalar).
         bias: [Cout] added before the activation.
         activate: leaky ReLU(0.2) times sqrt(2).
-        impl: "reference" | "triton" | "auto" (see module docstring).
+        impl: "reference" | "triton" | "auto" | "plugin" (see module docstring).
 
     Returns:
         [B, Cout, Ho, Wo] in x's dtype.
@@ -182,4 +207,6 @@ def modulated_conv2d(
                 "'sgex[triton]'"
             ) from e
         return modulated_conv2d_triton(x, weight, style, **kwargs)
+    if chosen == "plugin":
+        return _plugin_call(x, weight, style, **kwargs)
     return modulated_conv2d_reference(x, weight, style, **kwargs)

@@ -1,0 +1,118 @@
+"""sgex-export: export one StyleGANEX task to per-bucket ONNX graphs with a manifest.
+
+Thin CLI: parse, then one call to export.onnx.export_task (torch/onnx are imported there, so
+--help needs neither). A user error exits 2 with one line on stderr and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from export.engine import add_engine_args, maybe_build  # tensorrt is imported only when building
+from export.onnx import DEFAULT_OPSET  # export.onnx imports torch/onnx only inside functions
+from runtime._cli import run_main, setup_logging
+from runtime.buckets import DEFAULT_MAX_BATCH
+from runtime.errors import SgexError
+from runtime.tasks import TASKS
+
+PROG = "sgex-export"
+
+EPILOG = f"""\
+examples:
+  # superres at bucket 512 from the official checkpoint (style@256 + synth@512, FP32)
+  sgex-export --task superres --res 512 --ckpt pretrained_models/styleganex_sr.pt --out artifacts
+  # add a 1024 bucket to the same directory (the style graph is reused)
+  sgex-export --task superres --res 1024 --ckpt pretrained_models/styleganex_sr.pt --out artifacts
+  # FP16 graph for TensorRT with the default precision plan, or a calibrated one (sgex-calib)
+  sgex-export --task toonify --variant pixar --res 512 --ckpt styleganex_toonify_pixar.pt --precision fp16
+  sgex-export --task toonify --res 512 --ckpt styleganex_toonify_pixar.pt --precision fp16 --plan plan.json
+  # fused modulated conv as one custom node (TensorRT plugin / onnxruntime-extensions)
+  sgex-export --task edit --variant age --res 512 --ckpt styleganex_edit_age.pt --flavor plugin
+  # FP16 ONNX plus TensorRT engines (needs TensorRT >= 10.9 and an NVIDIA GPU; explicit flag,
+  # never automatic: without TensorRT, --engine stops with the install command)
+  sgex-export --task superres --res 1024 --ckpt styleganex_sr.pt --precision fp16 --engine
+  # random weights (the outputs are noise: a smoke test of the pipeline)
+  sgex-export --task sketch2face --res 256 --random-weights --out /tmp/artifacts
+
+tasks: {", ".join(TASKS)}
+layout: <out>/<task>/manifest.json, style/style.onnx (RGB tasks), <res>/synth.onnx or
+<res>/translate.onnx, editing_w.npy (edit). Graphs take batch 1..--max-batch and any height and
+width that are multiples of 32 up to --res; exporting another --res into the same directory adds
+a bucket (same checkpoint, precision and flavor required).
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (prog: error: ...), exit 2, like every other sgex user error."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1], epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, metavar="TASK", help=f"one of: {', '.join(TASKS)}")
+    p.add_argument("--res", type=int, required=True, metavar="N",
+                   help="bucket side: the largest input side (x1), a multiple of 32, e.g. 256, 512, 1024")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", metavar="FILE", help="official StyleGANEX checkpoint (.pt)")
+    src.add_argument("--random-weights", action="store_true",
+                     help="random weights in the official format (outputs are noise)")
+    p.add_argument("--out", default="artifacts", metavar="DIR", help="output root (default: artifacts)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
+                   help="fp16 keeps the precision plan's FP32 islands (default: fp32)")
+    p.add_argument("--plan", metavar="FILE", help="precision plan JSON (fp16; default: built-in plan)")
+    p.add_argument("--flavor", default="portable", choices=["portable", "plugin"],
+                   help="portable: standard ONNX ops; plugin: fused modulated conv custom node")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
+                   help=f"largest batch of the bucket (default {DEFAULT_MAX_BATCH})")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N",
+                   help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
+    p.add_argument("--variant", metavar="V", help="checkpoint variant label (e.g. sr32, age, pixar)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_engine_args(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Validate what needs no heavy import, then export. Returns the manifest path."""
+    if args.task not in TASKS:
+        raise SgexError(f"unknown task {args.task!r} (choose from: {', '.join(TASKS)})")
+    if not args.ckpt and not args.random_weights:
+        raise SgexError("give --ckpt FILE (an official checkpoint) or --random-weights")
+    if args.random_weights:
+        print(f"{PROG}: WARNING: --random-weights: exporting RANDOM weights (seed {args.seed}); every "
+              f"output of these graphs is noise", file=sys.stderr)
+    from export.onnx import export_task
+
+    path = export_task(
+        args.task, args.res, ckpt=args.ckpt, random_weights=args.random_weights, out=args.out,
+        precision=args.precision, plan=args.plan, flavor=args.flavor, max_batch=args.max_batch,
+        opset=args.opset, seed=args.seed, variant=args.variant, progress=not args.quiet)
+    maybe_build(args, path.parent)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if not args.verbose:
+        logging.getLogger().setLevel(logging.WARNING if args.quiet else logging.INFO)
+
+    def body() -> int:
+        path = run(args)
+        print(path)
+        return 0
+
+    return run_main(PROG, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

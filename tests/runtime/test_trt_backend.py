@@ -1,0 +1,499 @@
+"""runtime/backends/trt.py.
+
+CPU (default run): the manifest compatibility checks (TensorRT version, GPU, sha256, stale ONNX),
+the profile check of feeds, the missing-dependency message, and the backend's own control flow
+(shape sets, pinned copies, CUDA-graph capture order and replay, LRU release) against an in-process
+fake of the tensorrt and cuda-python modules. The fake checks sgex's bookkeeping only; it says
+nothing about TensorRT itself.
+
+`trt` marker (skips without TensorRT): the real thing end to end: export a small bucket of a tiny
+random checkpoint in FP16, build the engine, run it through runtime.Engine(backend="trt"), compare
+with ONNX Runtime on the same ONNX (PSNR >= 35 dB); the same with the plugin flavor; CUDA-graph
+replay against plain runs; refusal of an engine of another GPU. Run them on a machine with an
+NVIDIA GPU and TensorRT: `pytest -m trt tests/runtime/test_trt_backend.py` (each case exports a
+tiny checkpoint first: about 2 minutes on CPU).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.abc
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from runtime.backends import trt as tb
+from runtime.errors import MissingDependency, SgexError
+from runtime.manifest import Manifest
+
+TRT_VERSION = "10.9.0.34"
+GPU, CC = "NVIDIA Fake GPU", "9.0"
+D = 8
+ENTRY = {"file": "128/synth.engine", "sha256": "ab" * 32, "onnx_sha256": "cd" * 32, "tensorrt": TRT_VERSION,
+         "gpu": GPU, "compute_capability": CC, "precision": "fp16", "plugin": None,
+         "profile": {"x1": {"min": [1, 3, 32, 32], "opt": [1, 3, 128, 128], "max": [2, 3, 128, 128]},
+                     "wplus": {"min": [1, 18, D], "opt": [1, 18, D], "max": [2, 18, D]}}}
+GRAPH = {"file": "128/synth.onnx", "sha256": "cd" * 32}
+HERE = tb.DeviceIdentity(GPU, CC)
+
+
+# -- compatibility checks ---------------------------------------------------------------------------
+def _one_line_error(fn, *args, **kw) -> str:
+    with pytest.raises(SgexError) as e:
+        fn(*args, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg and "sgex-export" in msg and "--engine" in msg
+    return msg
+
+
+def test_entry_matching_machine_passes():
+    tb.check_engine_entry("synth@128", ENTRY, GRAPH, tensorrt=TRT_VERSION, device=HERE)
+
+
+def test_tensorrt_version_mismatch():
+    msg = _one_line_error(tb.check_engine_entry, "synth@128", ENTRY, GRAPH, tensorrt="11.0.0.7", device=HERE)
+    assert "built with TensorRT 10.9.0.34" in msg and "has TensorRT 11.0.0.7" in msg
+
+
+def test_gpu_mismatch():
+    msg = _one_line_error(tb.check_engine_entry, "synth@128", ENTRY, GRAPH, tensorrt=TRT_VERSION,
+                          device=tb.DeviceIdentity("NVIDIA L4", "8.9"))
+    assert "built for NVIDIA Fake GPU (compute capability 9.0)" in msg and "NVIDIA L4 (compute capability 8.9)" in msg
+    # same architecture, another model: still refused (engines are tuned per GPU model)
+    _one_line_error(tb.check_engine_entry, "synth@128", ENTRY, GRAPH, tensorrt=TRT_VERSION,
+                    device=tb.DeviceIdentity("NVIDIA H200", CC))
+
+
+def test_hash_mismatch():
+    data = b"serialized plan"
+    good = {**ENTRY, "sha256": hashlib.sha256(data).hexdigest()}
+    tb.check_engine_bytes("synth@128", good, data)
+    msg = _one_line_error(tb.check_engine_bytes, "synth@128", good, data + b"!")
+    assert "sha256 does not match" in msg
+
+
+def test_stale_onnx():
+    msg = _one_line_error(tb.check_engine_entry, "synth@128", ENTRY, {**GRAPH, "sha256": "ef" * 32},
+                          tensorrt=TRT_VERSION, device=HERE)
+    assert "another export of 128/synth.onnx" in msg
+
+
+def test_check_feeds_names_the_dimension():
+    x1 = np.zeros((1, 3, 64, 96), np.float32)
+    w = np.zeros((1, 18, D), np.float32)
+    tb.check_feeds("synth@128", ENTRY, {"x1": x1, "wplus": w})
+    with pytest.raises(SgexError, match=r"x1 dim 3 \(width\) is 160, outside the engine profile \[32, 128\]"):
+        tb.check_feeds("synth@128", ENTRY, {"x1": np.zeros((1, 3, 64, 160), np.float32), "wplus": w})
+    with pytest.raises(SgexError, match=r"x1 dim 0 \(batch\) is 3"):
+        tb.check_feeds("synth@128", ENTRY, {"x1": np.zeros((3, 3, 64, 64), np.float32), "wplus": np.zeros((3, 18, D), np.float32)})
+    with pytest.raises(SgexError, match=r"wplus dim 2 .* is 9, outside the engine profile 8"):
+        tb.check_feeds("synth@128", ENTRY, {"x1": x1, "wplus": np.zeros((1, 18, 9), np.float32)})
+    with pytest.raises(SgexError, match="must be float32"):
+        tb.check_feeds("synth@128", ENTRY, {"x1": x1.astype(np.float16), "wplus": w})
+    with pytest.raises(SgexError, match=r"missing \['wplus'\]"):
+        tb.check_feeds("synth@128", ENTRY, {"x1": x1})
+
+
+def test_device_index():
+    assert [tb.device_index(d) for d in (None, "auto", "cuda", "cuda:2", 1)] == [0, 0, 0, 2, 1]
+    with pytest.raises(SgexError, match="CUDA device"):
+        tb.device_index("cpu")
+
+
+# -- without TensorRT ---------------------------------------------------------------------------------
+class _Blocker(importlib.abc.MetaPathFinder):
+    PREFIXES = ("tensorrt", "cuda")
+
+    def find_spec(self, name, path=None, target=None):
+        if any(name == p or name.startswith(p + ".") for p in self.PREFIXES):
+            raise ImportError(f"No module named {name!r} (blocked by test)")
+        return None
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    for name in list(sys.modules):
+        if any(name == p or name.startswith(p + ".") for p in _Blocker.PREFIXES):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_Blocker(), *sys.meta_path])
+
+
+def _manifest(engines=None) -> Manifest:
+    m = Manifest.new(task="superres", variant="sr", precision="fp16", flavor="portable", noise="zero",
+                     style_dim=D, n_latent=18, inputs={}, versions={},
+                     checkpoint={"file": None, "sha256": None, "random": True, "seed": 0})
+    m.graphs["synth@128"] = {**GRAPH, "bucket": {"side": 128, "max_batch": 2}, "graph": "synth",
+                             "inputs": [], "outputs": []}
+    m.engines.update(engines if engines is not None else {"synth@128": ENTRY})
+    return m
+
+
+def test_backend_without_tensorrt_names_the_extra(no_tensorrt, tmp_path):
+    from runtime.backends import create
+
+    with pytest.raises(MissingDependency) as e:
+        create("trt", tmp_path, _manifest(), None)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("TensorRT is not installed (pip install -c constraints.txt 'sgex[trt]')")
+    assert not tb.available()
+
+
+def test_missing_cuda_python_names_the_extra(no_tensorrt):
+    with pytest.raises(MissingDependency, match=r"cuda-python is not installed .*'sgex\[trt\]'"):
+        tb.import_cudart()
+
+
+# -- backend control flow against a fake tensorrt + cuda-python --------------------------------------
+class _FakeCudart(types.ModuleType):
+    """Host memory stands in for device memory; capture records the context's work as closures
+    with the addresses of capture time (as a CUDA graph bakes its kernel arguments)."""
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    class cudaStreamCaptureMode:
+        cudaStreamCaptureModeThreadLocal = 1
+
+    def __init__(self):
+        super().__init__("cuda.bindings.runtime")
+        self.mem, self.capturing, self.recorded, self.launches = {}, False, None, 0
+        self.mallocs = self.frees = 0
+
+    def _alloc(self, n):
+        buf = ctypes.create_string_buffer(n)
+        self.mem[ctypes.addressof(buf)] = buf
+        return 0, ctypes.addressof(buf)
+
+    def cudaGetDeviceProperties(self, i):
+        return 0, types.SimpleNamespace(name=GPU.encode() + b"\0\0", major=9, minor=0)
+
+    def cudaSetDevice(self, i):
+        return (0,)
+
+    def cudaStreamCreate(self):
+        return 0, 77
+
+    def cudaStreamDestroy(self, s):
+        return (0,)
+
+    def cudaMalloc(self, n):
+        self.mallocs += 1
+        return self._alloc(n)
+
+    cudaMallocHost = _alloc
+
+    def cudaFree(self, p):
+        self.frees += 1
+        del self.mem[p]
+        return (0,)
+
+    def cudaFreeHost(self, p):
+        del self.mem[p]
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
+        assert not self.capturing, "copies must stay outside the CUDA graph"
+        assert dst in self.mem and src in self.mem
+        ctypes.memmove(dst, src, n)
+        return (0,)
+
+    def cudaStreamSynchronize(self, s):
+        return (0,)
+
+    def cudaStreamBeginCapture(self, s, mode):
+        self.capturing, self.recorded = True, []
+        return (0,)
+
+    def cudaStreamEndCapture(self, s):
+        self.capturing = False
+        return 0, self.recorded
+
+    def cudaGraphInstantiate(self, graph, flags):
+        return 0, list(graph)
+
+    def cudaGraphLaunch(self, exe, s):
+        self.launches += 1
+        for op in exe:
+            op()
+        return (0,)
+
+    def cudaGraphDestroy(self, g):
+        return (0,)
+
+    def cudaGraphExecDestroy(self, g):
+        return (0,)
+
+    def cudaGetErrorName(self, err):
+        return 0, b"cudaErrorFake"
+
+
+def _view(ptr, shape):
+    n = int(np.prod(shape)) * 4
+    return np.frombuffer((ctypes.c_uint8 * n).from_address(ptr), dtype=np.float32).reshape(shape)
+
+
+def _compute(x1, w):
+    """The fake engine's graph: y [B,3,4H,4W] = 4x nearest upsample of x1 + sum of wplus."""
+    return np.repeat(np.repeat(x1, 4, axis=2), 4, axis=3) + w.sum(axis=(1, 2))[:, None, None, None]
+
+
+class _FakeContext:
+    def __init__(self, cudart):
+        self.cudart, self.shapes, self.addr, self.flushed, self.executes = cudart, {}, {}, True, 0
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name], self.flushed = tuple(shape), False
+        return True
+
+    def get_tensor_shape(self, name):
+        b, c, h, w = self.shapes["x1"]
+        return (b, c, 4 * h, 4 * w)
+
+    def set_tensor_address(self, name, ptr):
+        self.addr[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream):
+        if self.cudart.capturing and not self.flushed:
+            return False  # TensorRT: enqueue once outside capture after a shape change
+        shapes, addr = dict(self.shapes), dict(self.addr)
+        yshape = self.get_tensor_shape("y")
+
+        def op():
+            _view(addr["y"], yshape)[...] = _compute(_view(addr["x1"], shapes["x1"]), _view(addr["wplus"], shapes["wplus"]))
+
+        if self.cudart.capturing:
+            self.cudart.recorded.append(op)
+        else:
+            self.executes += 1
+            self.flushed = True
+            op()
+        return True
+
+
+class _FakeEngine:
+    names = ("x1", "wplus", "y")
+
+    def __init__(self, cudart):
+        self.cudart, self.contexts = cudart, []
+        self.num_io_tensors = 3
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_dtype(self, name):
+        return "float"
+
+    def get_tensor_mode(self, name):
+        return "in" if name != "y" else "out"
+
+    def create_execution_context(self):
+        self.contexts.append(_FakeContext(self.cudart))
+        return self.contexts[-1]
+
+
+@pytest.fixture
+def fake_trt(monkeypatch, tmp_path):
+    cudart = _FakeCudart()
+    engines = []
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = TRT_VERSION
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, sev: None})
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+    trt.DataType = types.SimpleNamespace(FLOAT="float", HALF="half")
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            assert json.loads(bytes(data)) == {"fake": "engine"}
+            engines.append(_FakeEngine(cudart))
+            return engines[-1]
+
+    trt.Runtime = Runtime
+    cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
+    cuda.bindings, bindings.runtime = bindings, cudart
+    for name, mod in (("tensorrt", trt), ("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", cudart)):
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    data = json.dumps({"fake": "engine"}).encode()
+    (tmp_path / "128").mkdir()
+    (tmp_path / "128" / "synth.engine").write_bytes(data)
+    entry = {**ENTRY, "sha256": hashlib.sha256(data).hexdigest()}
+    return types.SimpleNamespace(cudart=cudart, engines=engines, dir=tmp_path, manifest=_manifest({"synth@128": entry}))
+
+
+def _feeds(rng, b, h, w):
+    return {"x1": rng.standard_normal((b, 3, h, w)).astype(np.float32),
+            "wplus": rng.standard_normal((b, 18, D)).astype(np.float32)}
+
+
+def test_fake_run_reuses_buffers_per_shape(fake_trt):
+    rng = np.random.default_rng(0)
+    be = tb.TrtBackend(fake_trt.dir, fake_trt.manifest, "cuda", buffers="cuda-python")
+    assert "TensorRT 10.9.0.34 on NVIDIA Fake GPU" in be.describe() and "CUDA graphs off" in be.describe()
+    for b, h, w in [(1, 64, 96), (1, 64, 96), (2, 32, 128), (1, 64, 96)]:
+        f = _feeds(rng, b, h, w)
+        out = be.run("synth@128", f)
+        np.testing.assert_array_equal(out["y"], _compute(f["x1"], f["wplus"]))
+    assert fake_trt.cudart.mallocs == 6  # two shape sets x (x1, wplus, y)
+    with pytest.raises(SgexError, match=r"dim 2 \(height\) is 160"):
+        be.run("synth@128", _feeds(rng, 1, 160, 32))
+    with pytest.raises(SgexError, match="no TensorRT engine for graph style"):
+        be.run("style", {})
+    be.close()
+    assert fake_trt.cudart.frees == 6 and not fake_trt.cudart.mem
+
+
+def test_fake_cuda_graphs_capture_after_one_enqueue_and_replay(fake_trt):
+    rng = np.random.default_rng(1)
+    be = tb.TrtBackend(fake_trt.dir, fake_trt.manifest, None, cuda_graphs=True, buffers="cuda-python")
+    shapes = [(1, 64, 64), (1, 64, 64), (2, 32, 96), (1, 64, 64), (2, 32, 96), (1, 64, 64)]
+    for b, h, w in shapes:
+        f = _feeds(rng, b, h, w)
+        np.testing.assert_array_equal(be.run("synth@128", f)["y"], _compute(f["x1"], f["wplus"]))
+    ctx = fake_trt.engines[0].contexts[0]
+    assert ctx.executes == 2  # one ordinary enqueue per shape set, before its capture
+    assert fake_trt.cudart.launches == 4  # every later call replays its shape set's graph
+    be.close()
+
+
+def test_fake_lru_releases_old_shape_sets(fake_trt, monkeypatch):
+    monkeypatch.setattr(tb, "MAX_SHAPE_SETS", 2)
+    rng = np.random.default_rng(2)
+    be = tb.TrtBackend(fake_trt.dir, fake_trt.manifest, None, cuda_graphs=True, buffers="cuda-python")
+    for b, h, w in [(1, 32, 32), (1, 64, 64), (1, 96, 96), (1, 32, 32)]:
+        f = _feeds(rng, b, h, w)
+        np.testing.assert_array_equal(be.run("synth@128", f)["y"], _compute(f["x1"], f["wplus"]))
+    assert fake_trt.cudart.frees == 6  # (32) dropped for (96), then (64) dropped for (32) again
+    be.close()
+
+
+def test_fake_refuses_foreign_engines(fake_trt, monkeypatch):
+    m = fake_trt.manifest
+    monkeypatch.setattr(sys.modules["tensorrt"], "__version__", "10.12.0.36")
+    with pytest.raises(SgexError, match="built with TensorRT 10.9.0.34, but this machine has TensorRT 10.12.0.36"):
+        tb.TrtBackend(fake_trt.dir, m, None, buffers="cuda-python")
+    monkeypatch.setattr(sys.modules["tensorrt"], "__version__", TRT_VERSION)
+    (fake_trt.dir / "128" / "synth.engine").write_bytes(b"tampered")
+    be = tb.TrtBackend(fake_trt.dir, m, None, buffers="cuda-python")
+    with pytest.raises(SgexError, match="sha256 does not match the manifest"):
+        be.run("synth@128", _feeds(np.random.default_rng(3), 1, 32, 32))
+    be.close()
+
+
+def test_fake_refuses_half_io(fake_trt, monkeypatch):
+    monkeypatch.setattr(_FakeEngine, "get_tensor_dtype", lambda self, name: "half" if name == "y" else "float")
+    with tb.TrtBackend(fake_trt.dir, fake_trt.manifest, None, buffers="cuda-python") as be:
+        with pytest.raises(SgexError, match="tensor y is half; sgex engines have float32 I/O"):
+            be.run("synth@128", _feeds(np.random.default_rng(4), 1, 32, 32))
+
+
+def test_fake_jit_plugin_registers_before_deserializing(fake_trt, monkeypatch):
+    from kernels import trt_plugin
+
+    fake_trt.manifest.engines["synth@128"]["plugin"] = "jit"
+    with pytest.raises(SgexError, match="CUDA graphs cannot capture the JIT plugin .* of synth@128"):
+        tb.TrtBackend(fake_trt.dir, fake_trt.manifest, None, cuda_graphs=True, buffers="cuda-python")
+    order = []
+    monkeypatch.setattr(trt_plugin, "register", lambda: order.append("register"))
+    real = sys.modules["tensorrt"].Runtime.deserialize_cuda_engine
+    monkeypatch.setattr(sys.modules["tensorrt"].Runtime, "deserialize_cuda_engine",
+                        lambda self, data: order.append("deserialize") or real(self, data))
+    with tb.TrtBackend(fake_trt.dir, fake_trt.manifest, None, buffers="cuda-python") as be:
+        be.run("synth@128", _feeds(np.random.default_rng(5), 1, 32, 32))
+    assert order == ["register", "deserialize"]
+
+
+def test_fake_refuses_old_tensorrt(fake_trt, monkeypatch):
+    monkeypatch.setattr(sys.modules["tensorrt"], "__version__", "8.6.1")
+    with pytest.raises(SgexError, match=r"TensorRT 8.6.1 is too old: sgex needs TensorRT >= 10.9"):
+        tb.import_tensorrt()
+
+
+# -- end to end with TensorRT (skips without it) --------------------------------------------------------
+TRT_PSNR_DB = 35.0  # FP16 engine vs the same FP16 ONNX on ONNX Runtime, outputs clamped to [-1, 1] (peak-to-peak 2)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.clip(a, -1, 1).astype(np.float64), np.clip(b, -1, 1).astype(np.float64)
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
+
+
+def _export_and_build(tmp_path, tiny_ckpt, task, flavor, res=64, max_batch=2):
+    from export.engine import build_engines
+    from export.onnx import export_task
+
+    task_dir = export_task(task, res, ckpt=tiny_ckpt(task), out=tmp_path / "art", precision="fp16",
+                           flavor=flavor, max_batch=max_batch, progress=False).parent
+    cache_dir = tmp_path / "timing"
+    cache_dir.mkdir()
+    manifest = build_engines(task_dir, workspace_gb=2.0, timing_cache=str(cache_dir))
+    return task_dir, manifest, cache_dir
+
+
+@pytest.mark.trt
+@pytest.mark.parametrize("task,flavor", [("superres", "portable"), ("superres", "plugin"),
+                                         ("edit", "plugin"), ("mask2face", "portable")])
+def test_trt_engine_matches_onnxruntime(tmp_path, tiny_ckpt, task, flavor):
+    import tensorrt as trt
+
+    from export.engine import timing_cache_key
+    from runtime.engine import Engine
+
+    task_dir, m, cache_dir = _export_and_build(tmp_path, tiny_ckpt, task, flavor)
+    ident = tb.device_identity(0)
+    assert set(m.engines) == set(m.graphs)
+    for key, e in m.engines.items():
+        assert (e["tensorrt"], e["gpu"], e["compute_capability"], e["precision"]) == (
+            trt.__version__, ident.gpu, ident.compute_capability, "fp16")
+        assert hashlib.sha256((task_dir / e["file"]).read_bytes()).hexdigest() == e["sha256"]
+        has_plugin = flavor == "plugin" and key != "style"
+        assert (e["plugin"] in ("aot", "jit")) if has_plugin else e["plugin"] is None
+    assert (cache_dir / f"{timing_cache_key(trt.__version__, ident.gpu, ident.compute_capability)}.cache").is_file()
+
+    rng = np.random.default_rng(0)
+    with Engine(task_dir, backend="trt", device="cuda") as e_trt, Engine(task_dir, backend="ort", device="cpu") as e_ort:
+        assert e_trt.backend.name == "trt"
+        if task == "mask2face":
+            x = rng.integers(0, 19, (2, 56, 40), dtype=np.uint8)
+            y_trt, y_ort = e_trt.translate_float(x, seed=3), e_ort.translate_float(x, seed=3)
+        else:
+            x2 = rng.integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+            w_trt, w_ort = e_trt.compute_style(x2), e_ort.compute_style(x2)
+            assert np.linalg.norm(w_trt - w_ort) <= 1e-2 * np.linalg.norm(w_ort)
+            x1 = rng.integers(0, 256, (2, 56, 40, 3), dtype=np.uint8)  # padded to 64x64 inside
+            y_trt, y_ort = e_trt.synthesize_float(x1, w_ort, seed=3), e_ort.synthesize_float(x1, w_ort, seed=3)
+    assert y_trt.shape == y_ort.shape == (2, 3, 224, 160)
+    assert _psnr(y_trt, y_ort) >= TRT_PSNR_DB
+
+
+@pytest.mark.trt
+def test_trt_cuda_graph_replay_equals_plain_run(tmp_path, tiny_ckpt):
+    from runtime.engine import make_random_inputs
+
+    task_dir, m, _ = _export_and_build(tmp_path, tiny_ckpt, "superres", "portable")
+    rng = np.random.default_rng(1)
+    feeds = [{"x1": rng.uniform(-1, 1, (1, 3, h, w)).astype(np.float32),
+              "wplus": rng.standard_normal((1, 18, m.style_dim)).astype(np.float32),
+              **make_random_inputs(s, 1, h, w, noise=True)} for s, (h, w) in enumerate([(64, 32), (32, 64), (64, 32)])]
+    with tb.TrtBackend(task_dir, m, "cuda") as plain, tb.TrtBackend(task_dir, m, "cuda", cuda_graphs=True) as graphs:
+        for f in feeds + feeds:  # the second pass replays the captured graphs
+            np.testing.assert_array_equal(graphs.run("synth@64", f)["y"], plain.run("synth@64", f)["y"])
+
+
+@pytest.mark.trt
+def test_trt_refuses_engine_of_another_gpu(tmp_path, tiny_ckpt):
+    from runtime.engine import Engine
+
+    task_dir, m, _ = _export_and_build(tmp_path, tiny_ckpt, "inversion", "portable")
+    m.engines["synth@64"]["gpu"] = "Some Other GPU"
+    m.save(task_dir)
+    with pytest.raises(SgexError, match="built for Some Other GPU .* sgex-export"):
+        Engine(task_dir, backend="trt", device="cuda")

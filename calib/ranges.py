@@ -19,7 +19,6 @@ Layer names: the dynamo exporter records each node's module path in its metadata
 
 from __future__ import annotations
 
-import ast
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -78,23 +77,11 @@ class TensorStats:
 
 
 def node_scope(node) -> str:
-    """The deepest module path of an exported node ('' if the exporter recorded none)."""
-    meta = {p.key: p.value for p in node.metadata_props}
-    scopes = meta.get("pkg.torch.onnx.name_scopes")
-    if scopes:
-        try:
-            parts = ast.literal_eval(scopes)
-        except (ValueError, SyntaxError):
-            parts = []
-        if len(parts) >= 2:
-            return str(parts[-2])
-    ns = meta.get("namespace")
-    if ns:
-        # ": Cls/decoder: Cls/decoder.conv1: Cls/op: aten.op" -> module paths between '/'
-        paths = [seg.split(":")[0].strip() for seg in ns.split("/")]
-        if len(paths) >= 2:
-            return paths[-2]
-    return ""
+    """The deepest module path of an exported node ('' if the exporter recorded none); the
+    metadata is parsed by export.fp16.node_scope, the one reader of the exporter's scopes."""
+    from export.fp16 import node_scope as exported_scope
+
+    return exported_scope(node) or ""
 
 
 REFERENCE_ROOTS = ("encoder", "decoder")  # top-level modules of export.networks.StyleGANEX

@@ -103,6 +103,9 @@ class Engine:
         d = _task_dir(artifacts_dir, task)
         manifest = Manifest.load(d, task=task)
         manifest.verify(d)
+        if (manifest.checkpoint or {}).get("random"):
+            log.warning("%s was exported from RANDOM weights (seed %s): outputs are noise; export "
+                        "with --ckpt for real results", d, manifest.checkpoint.get("seed"))
         spec = get_task(manifest.task)
         editing_w = None
         if spec.editing:

@@ -322,7 +322,8 @@ def _opts(task: str, variant, cfg: ModelConfig, seed: int) -> dict:
 
 def _random_state_dict(cfg: ModelConfig, gen: torch.Generator) -> dict:
     """Official-like init: randn modulated/const weights, EqualLinear randn/lr_mul with bias_init
-    (modulation 1), He-normal plain convs/linears, BN identity statistics, PReLU 0.25, fusion
+    (modulation 1), He-normal plain convs/linears, BN weight 1 / bias 0 (running statistics are
+    set afterwards by _calibrate_batchnorm), PReLU 0.25, fusion
     identity pass-through as the official init. Noise strengths are small random values
     (official init 0) so explicit noise visibly reaches the output in tests."""
     model = _meta_model(cfg)
@@ -399,6 +400,36 @@ def _random_state_dict(cfg: ModelConfig, gen: torch.Generator) -> dict:
     return sd
 
 
+def _calibrate_batchnorm(sd: dict, cfg: ModelConfig, gen: torch.Generator) -> None:
+    """Data-dependent init of the encoder's BatchNorm statistics, as training leaves them: one
+    pass of a random 256x256 image through the input stage and the body in which every BN first
+    sets its running mean/var to the statistics of its own input, then normalizes with them.
+    With identity statistics the He-initialised residual units compound: at the official width
+    w+ reached ~5e3 and the images ~1e6, where float32 rounding dominates every comparison."""
+    model = StyleGANEX(cfg)
+    table = _param_table(cfg)
+    model.load_state_dict({dst: sd[src] for dst, src in table.items()}, strict=True)
+    src_of = {dst: src for dst, src in table.items()}
+
+    def set_stats(bn, args):
+        var, mean = torch.var_mean(args[0], dim=(0, 2, 3), unbiased=False)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+
+    bns = {name: m for name, m in model.named_modules() if isinstance(m, BatchNorm)}
+    hooks = [m.register_forward_pre_hook(set_stats) for m in bns.values()]
+    try:
+        x = torch.rand(2, 3, 256, 256, generator=gen) * 2 - 1
+        with torch.no_grad():
+            model.encoder.taps(x, "running")
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, m in bns.items():
+        for stat in ("running_mean", "running_var"):
+            sd[src_of[f"{name}.{stat}"]] = getattr(m, stat).detach().clone()
+
+
 def _latent_avg(sd: dict, cfg: ModelConfig, gen: torch.Generator) -> torch.Tensor:
     """Mean of the mapping network over 256 random z, repeated to [18,D] (as a StyleGAN ckpt)."""
     d = cfg.style_dim
@@ -429,6 +460,7 @@ def random_checkpoint(task: str, seed: int = 0, variant: str | None = None, widt
         raise SgexError(str(e)) from None
     gen = torch.Generator().manual_seed(int(seed))
     sd = _random_state_dict(cfg, gen)
+    _calibrate_batchnorm(sd, cfg, gen)
     obj = {"state_dict": sd, "opts": _opts(task, v, cfg, seed), "latent_avg": _latent_avg(sd, cfg, gen)}
     if t.editing:
         obj["editing_w"] = 0.2 * torch.randn(1, N_LATENT, cfg.style_dim, generator=gen)

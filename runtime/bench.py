@@ -169,7 +169,10 @@ def resolve_backends(cfg: BenchConfig) -> list[str]:
         chosen, skipped = [], []
         for b in BACKENDS:
             why = backend_unavailable(b, cfg.device, cfg.artifacts, cfg.task)
-            (skipped.append(f"{b}: {why}") if why else chosen.append(b))
+            if why:
+                skipped.append(f"{b}: {why}")
+            else:
+                chosen.append(b)
         if not chosen:
             raise SgexError("no backend is available: " + "; ".join(skipped))
         log.info("backends (all available): %s%s", ", ".join(chosen),

@@ -151,3 +151,15 @@ def test_summarize_and_compare():
     assert c["psnr_ref_range_db"] == pytest.approx(10 * np.log10(400 / 0.25))
     assert bench.compare(ref, ref)["identical"] and bench.compare(ref, ref)["psnr_db"] is None
     assert not bench.compare(ref + np.nan, ref)["finite"]
+
+
+def test_default_backends_are_the_available_ones_and_logged(caplog):
+    cfg = bench.BenchConfig(task="superres", res=(64,), random_weights=True)
+    with caplog.at_level("INFO", logger="runtime.bench"):
+        chosen = bench.resolve_backends(cfg)
+    assert chosen[0] == "torch-official" and "torch" in chosen
+    assert ("ort" in chosen) == (importlib.util.find_spec("onnxruntime") is not None)
+    assert ("trt" in chosen) == (bench.backend_unavailable("trt", "cpu", None, "superres") is None)
+    assert "trt" not in chosen  # TensorRT needs --device cuda and engines
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "backends (all available)" in msg and "skipped trt" in msg

@@ -62,3 +62,54 @@ def tiny_ckpt(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch with one intra-op thread for a module of many tiny ops (on the shared 2-core machine
+    2 threads measured 6x slower wall time: synchronisation only). Restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_superres_export(tmp_path_factory, tiny_ckpt):
+    """A tiny superres export (one bucket of side 32, max batch 2), made once per session: the
+    export is the slow part of the runtime tests. Returns the task directory."""
+    pytest.importorskip("onnxruntime")
+    from export.onnx import export_task
+
+    root = tmp_path_factory.mktemp("tiny-export-superres-32")
+    export_task("superres", 32, ckpt=tiny_ckpt("superres"), out=root, max_batch=2, progress=False)
+    return root / "superres"
+
+
+class _TensorRTBlocker:
+    """A meta-path finder that makes tensorrt, cuda-python and Polygraphy's TensorRT backend
+    unimportable, as on a machine without the trt extra (also where they are installed)."""
+
+    PREFIXES = ("tensorrt", "cuda", "polygraphy.backend.trt")
+
+    @classmethod
+    def blocks(cls, name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in cls.PREFIXES)
+
+    def find_spec(self, name, path=None, target=None):
+        if self.blocks(name):
+            raise ImportError(f"No module named {name!r} (blocked by test)")
+        return None
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    """Simulate a machine without TensorRT / cuda-python for the duration of a test."""
+    import sys
+
+    for name in list(sys.modules):
+        if _TensorRTBlocker.blocks(name):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_TensorRTBlocker(), *sys.meta_path])

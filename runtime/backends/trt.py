@@ -14,8 +14,8 @@ version or GPU, an engine file whose sha256 differs, or an engine built from ano
 ONNX graph. The remedy is always the same: rebuild on this machine with `sgex-export ... --engine`.
 
 Execution: one CUDA stream, name-based I/O (`set_input_shape` per call, `set_tensor_address`,
-`execute_async_v3`), float32 I/O through pinned host buffers and async copies. Device buffers come
-from torch's CUDA caching allocator when torch with CUDA is importable (shares one pool with the
+`execute_async_v3`), float32 I/O through pinned host buffers and async copies. Device buffers are
+taken from torch's CUDA caching allocator when torch with CUDA is importable (one pool with the
 rest of a torch app), else from `cudaMalloc` through cuda-python; the choice is logged. Buffers
 are kept per input-shape set (a video reuses one set for every frame).
 

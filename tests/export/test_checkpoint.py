@@ -34,14 +34,7 @@ TINY = 4  # conftest.TINY_WIDTH_DIV
 CONFIGS = [(t.name, v.name) for t in TASKS.values() for v in t.variants]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many tiny ops: intra-op threads only add synchronisation (measured 6x
-    slower wall time with 2 threads on the shared 2-core machine). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _spec_sections() -> dict[str, dict[str, tuple]]:

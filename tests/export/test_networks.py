@@ -27,14 +27,7 @@ TASK_VARIANTS = [("superres", "sr"), ("superres", "sr32"), ("edit", None), ("too
                  ("inversion", None), ("sketch2face", None), ("mask2face", None)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many tiny ops: intra-op threads only add synchronisation (measured 6x
-    slower wall time with 2 threads on the shared 2-core machine). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

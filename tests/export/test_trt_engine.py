@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.abc
 import subprocess
 import sys
 from pathlib import Path
@@ -175,26 +174,6 @@ def test_engine_entry_fields():
 
 
 # -- without TensorRT ------------------------------------------------------------------------------
-class _Blocker(importlib.abc.MetaPathFinder):
-    """Makes tensorrt / cuda-python / polygraphy's TensorRT backend unimportable, as on a machine
-    without the trt extra (also where they are installed)."""
-
-    PREFIXES = ("tensorrt", "cuda", "polygraphy.backend.trt")
-
-    def find_spec(self, name, path=None, target=None):
-        if any(name == p or name.startswith(p + ".") for p in self.PREFIXES):
-            raise ImportError(f"No module named {name!r} (blocked by test)")
-        return None
-
-
-@pytest.fixture
-def no_tensorrt(monkeypatch):
-    for name in list(sys.modules):
-        if any(name == p or name.startswith(p + ".") for p in _Blocker.PREFIXES):
-            monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setattr(sys, "meta_path", [_Blocker(), *sys.meta_path])
-
-
 def test_build_without_tensorrt_names_the_extra(no_tensorrt, tmp_path):
     with pytest.raises(MissingDependency) as e:
         eng.build_engines(tmp_path)

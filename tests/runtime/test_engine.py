@@ -225,20 +225,9 @@ def test_torch_edit_scale_reaches_the_model(torch_engines):
 
 # -- ONNX Runtime artifacts vs the torch backend ------------------------------------------------
 
-def shared_tiny_export(tmp_path_factory, tiny_ckpt):
-    """A tiny superres export (one bucket of side 32, max batch 2), made once per session and
-    shared with test_run_cli.py through the session's base temp folder (export is the slow part)."""
-    onnx_mod = pytest.importorskip("export.onnx", reason="export/onnx.py (export helper) not landed yet")
-    pytest.importorskip("onnxruntime")
-    root = tmp_path_factory.getbasetemp() / "sgex-tiny-export-superres-32"
-    if not (root / "superres" / "manifest.json").is_file():
-        onnx_mod.export_task("superres", 32, ckpt=tiny_ckpt("superres"), out=root, max_batch=2, progress=False)
-    return root / "superres"
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory, tiny_ckpt):
-    return shared_tiny_export(tmp_path_factory, tiny_ckpt)
+@pytest.fixture
+def tiny_export(tiny_superres_export):
+    return tiny_superres_export
 
 
 def test_ort_equals_torch(tiny_export, torch_engines):

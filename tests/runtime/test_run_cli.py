@@ -19,16 +19,6 @@ from runtime.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def shared_tiny_export(tmp_path_factory, tiny_ckpt):
-    """The tiny superres export of test_engine.py (same folder: made once per session)."""
-    onnx_mod = pytest.importorskip("export.onnx", reason="export/onnx.py (export helper) not landed yet")
-    pytest.importorskip("onnxruntime")
-    root = tmp_path_factory.getbasetemp() / "sgex-tiny-export-superres-32"
-    if not (root / "superres" / "manifest.json").is_file():
-        onnx_mod.export_task("superres", 32, ckpt=tiny_ckpt("superres"), out=root, max_batch=2, progress=False)
-    return root / "superres"
-
-
 def sgex_run(*argv: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-c", "import sys; from runtime.cli import main; sys.exit(main())", *argv],
@@ -182,8 +172,8 @@ def test_random_weights_notice(tmp_path, caplog):
     assert rio.read_image(tmp_path / "o.png").shape == (64, 64, 3)
 
 
-def test_ort_cli_matches_torch_cli(tmp_path, tmp_path_factory, tiny_ckpt):
-    art = shared_tiny_export(tmp_path_factory, tiny_ckpt)  # superres, bucket 32
+def test_ort_cli_matches_torch_cli(tmp_path, tiny_superres_export, tiny_ckpt):
+    art = tiny_superres_export  # superres, bucket 32
     src = png(tmp_path / "in.png", (6, 7, 3), 3)
     common = ["--task", "superres", "--input", str(src), "--scale", "16", "--seed", "4"]  # x1 24x28
     assert main(common + ["--artifacts", str(art.parent), "--output", str(tmp_path / "ort.png")]) == 0

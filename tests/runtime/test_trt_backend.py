@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import importlib.abc
 import json
 import sys
 import types
@@ -105,23 +104,6 @@ def test_device_index():
 
 
 # -- without TensorRT ---------------------------------------------------------------------------------
-class _Blocker(importlib.abc.MetaPathFinder):
-    PREFIXES = ("tensorrt", "cuda")
-
-    def find_spec(self, name, path=None, target=None):
-        if any(name == p or name.startswith(p + ".") for p in self.PREFIXES):
-            raise ImportError(f"No module named {name!r} (blocked by test)")
-        return None
-
-
-@pytest.fixture
-def no_tensorrt(monkeypatch):
-    for name in list(sys.modules):
-        if any(name == p or name.startswith(p + ".") for p in _Blocker.PREFIXES):
-            monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setattr(sys, "meta_path", [_Blocker(), *sys.meta_path])
-
-
 def _manifest(engines=None) -> Manifest:
     m = Manifest.new(task="superres", variant="sr", precision="fp16", flavor="portable", noise="zero",
                      style_dim=D, n_latent=18, inputs={}, versions={},

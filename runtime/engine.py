@@ -174,6 +174,7 @@ class Engine:
         self.checkpoint = dict(manifest.checkpoint) if manifest is not None else None
         self._inputs = list(inputs)
         self._noise = "noise_0" in self._inputs
+        self._random_memo: tuple | None = None
         if spec.editing:
             want = (1, N_LATENT, self.style_dim)
             if editing_w is None or tuple(editing_w.shape) != want:
@@ -248,7 +249,7 @@ class Engine:
             ew = self.editing_w * np.float32(edit_scale)
             feeds["editing_w"] = np.ascontiguousarray(np.broadcast_to(ew, (b,) + ew.shape[1:]))
         if self._noise:
-            feeds.update(make_random_inputs(seed, b, xp.shape[1], xp.shape[2], noise=True))
+            feeds.update(self._random_inputs(seed, b, xp.shape[1], xp.shape[2]))
         y = self._run_chunked(key, feeds, max_batch, "y")
         return rio.crop_output(y, h, w)
 
@@ -270,8 +271,7 @@ class Engine:
         xp = rio.pad_to_multiple(x)
         model_x = rio.sketch_to_model(xp) if self.spec.input_kind == "sketch" else rio.mask_to_model(xp)
         feeds = {"x": model_x}
-        feeds.update(make_random_inputs(seed, b, xp.shape[1], xp.shape[2], noise=self._noise,
-                                        z_dim=self.style_dim))
+        feeds.update(self._random_inputs(seed, b, xp.shape[1], xp.shape[2], z_dim=self.style_dim))
         y = self._run_chunked(key, feeds, max_batch, "y")
         return rio.crop_output(y, h, w)
 
@@ -331,6 +331,16 @@ class Engine:
         else:
             out = self.synthesize(batch, wplus, seed=seed, edit_scale=edit_scale)
         yield from out
+
+    def _random_inputs(self, seed, b: int, h: int, w: int, z_dim: int | None = None) -> dict:
+        """make_random_inputs for this task, remembered for the last (seed, batch, size, z_dim):
+        the frames of a clip share one draw instead of re-drawing the same maps per frame.
+        Backends only read their feeds, so the arrays are shared, not copied."""
+        seed_key = int(seed) if isinstance(seed, (int, np.integer)) else tuple(int(s) for s in seed)
+        key = (seed_key, b, h, w, z_dim)
+        if self._random_memo is None or self._random_memo[0] != key:
+            self._random_memo = (key, make_random_inputs(seed, b, h, w, noise=self._noise, z_dim=z_dim))
+        return self._random_memo[1]
 
     def describe(self) -> str:
         where = str(self.artifacts_dir) if self.artifacts_dir is not None else "checkpoint"

@@ -27,10 +27,10 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm",
 VIDEO_EXTS = (".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv")
 
 __all__ = [
-    "IMAGE_EXTS", "VIDEO_EXTS", "is_image_path", "is_video_path", "read_image", "write_image",
+    "IMAGE_EXTS", "VIDEO_EXTS", "is_image_path", "is_video_path", "check_input_file", "read_image", "write_image",
     "list_images", "check_output_path", "atomic_output", "task_image", "check_batch", "pad_to_multiple",
     "rgb_to_model", "sketch_to_model", "mask_to_model", "to_uint8", "centre_square_x2",
-    "resize_for_scale", "check_x2", "read_x2", "crop_output",
+    "resize_for_scale", "check_x2", "check_input_file", "read_x2", "crop_output",
 ]
 
 
@@ -50,19 +50,25 @@ def is_video_path(path: str | os.PathLike) -> bool:
 
 # -- reading and writing ----------------------------------------------------------------------
 
+def check_input_file(path: str | os.PathLike, what: str) -> Path:
+    """The path of a readable, non-empty regular file; SgexError (one line) otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise SgexError(f"{p}: no such file")
+    if p.is_dir():
+        raise SgexError(f"{p}: is a directory, not {what}")
+    if p.stat().st_size == 0:
+        raise SgexError(f"{p}: empty file")
+    return p
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode an 8-bit image file as stored: uint8 [H, W] (grey) or [H, W, 3] RGB or [H, W, 4] RGBA.
 
     SgexError (one line) for a missing, empty, undecodable or non-8-bit file."""
     cv2 = _cv2()
-    p = Path(path)
-    if not p.exists():
-        raise SgexError(f"{p}: no such file")
-    if p.is_dir():
-        raise SgexError(f"{p}: is a directory, not an image")
+    p = check_input_file(path, "an image")
     data = np.fromfile(p, dtype=np.uint8)  # decoding from memory: no OpenCV path warnings
-    if data.size == 0:
-        raise SgexError(f"{p}: empty file")
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise SgexError(f"{p}: not an image OpenCV can decode")

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from runtime.errors import SgexError
-from runtime.io import atomic_output
+from runtime.io import atomic_output, check_input_file
 
 # Output container -> codec. mp4v (MPEG-4 part 2) is the official video_editing.py codec and is
 # in every OpenCV FFmpeg build; MJPG for AVI; VP8 for WebM.
@@ -48,13 +48,7 @@ class VideoReader:
 
     def __init__(self, path: str | os.PathLike):
         cv2 = _cv2()
-        p = Path(path)
-        if not p.exists():
-            raise SgexError(f"{p}: no such file")
-        if p.is_dir():
-            raise SgexError(f"{p}: is a directory, not a video")
-        if p.stat().st_size == 0:
-            raise SgexError(f"{p}: empty file")
+        p = check_input_file(path, "a video")
         self.path = p
         self._cap = cv2.VideoCapture(str(p))
         if not self._cap.isOpened():

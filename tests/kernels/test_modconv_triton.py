@@ -32,10 +32,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from modconv_cases import CASES, run_case  # noqa: E402
+from modconv_cases import CASES, FP16_ABS_TOL, FP32_REL_TOL, run_case  # noqa: E402
 
-FP32_REL_TOL = 1e-4
-FP16_ABS_TOL = 2e-2
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -32,10 +32,9 @@ from kernels import trt_plugin  # noqa: E402
 from kernels.modconv_triton import KERNEL_ARG_NAMES  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from modconv_cases import FP16_ABS_TOL, FP32_REL_TOL  # noqa: E402
 from trt_engine_run import run_engine as _run_engine  # noqa: E402
 
-FP32_REL_TOL = 1e-4
-FP16_ABS_TOL = 2e-2
 REPO = Path(__file__).resolve().parents[2]
 
 

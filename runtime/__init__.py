@@ -1,5 +1,5 @@
 """What a deployed app needs: buckets, manifests, `Engine` and its backends, image/video I/O,
-`sgex-run` and `sgex-bench`. Imports without torch; heavy libraries load inside functions.
+`sgex-run`. Imports without torch; heavy libraries load inside functions.
 
 `runtime.Engine` is resolved on first access so that `import runtime` stays light."""
 

@@ -240,6 +240,20 @@ class Manifest:
                 raise SgexError(f"{p}: sha256 does not match the manifest ({what}); the file was "
                                 f"modified or belongs to another export")
 
+    def read_verified(self, directory: str | os.PathLike, key: str) -> bytes:
+        """The bytes of graph or engine `key`, read once and checked against the manifest's
+        sha256: a caller that loads these bytes runs exactly what was hashed (a file changed after
+        `verify` is refused here, not run)."""
+        entry = self.engines.get(key) if key in self.engines and key not in self.graphs else self.graph(key)
+        p = Path(directory) / entry["file"]
+        if not p.is_file():
+            raise SgexError(f"{p}: missing ({key} of manifest for task {self.task!r})")
+        data = p.read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise SgexError(f"{p}: sha256 does not match the manifest ({key}); the file was "
+                            f"modified or belongs to another export")
+        return data
+
     # -- writing --------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
         """Write <directory>/manifest.json atomically."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("kernels", "export", "runtime", "calib")
+PACKAGES = ("kernels", "export", "runtime", "calib", "bench")
 HEAVY = ("torch", "onnx", "onnxruntime", "onnxscript", "onnxruntime_extensions", "triton", "tensorrt",
          "polygraphy")
 

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from runtime import bench
+from bench import cli as bench
 
 TINY = ["--random-weights", "--width-div", "4", "--iters", "2", "--warmup", "1"]
 STATS = ("n", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms")
@@ -155,7 +155,7 @@ def test_summarize_and_compare():
 
 def test_default_backends_are_the_available_ones_and_logged(caplog):
     cfg = bench.BenchConfig(task="superres", res=(64,), random_weights=True)
-    with caplog.at_level("INFO", logger="runtime.bench"):
+    with caplog.at_level("INFO", logger="bench.cli"):
         chosen = bench.resolve_backends(cfg)
     assert chosen[0] == "torch-official" and "torch" in chosen
     assert ("ort" in chosen) == (importlib.util.find_spec("onnxruntime") is not None)

@@ -48,6 +48,8 @@ __all__ = [
     "N_LATENT",
     "N_NOISE",
     "upfirdn2d_native",
+    "blur3_kernel",
+    "blur4_kernel",
 ]
 
 BN_EPS = 1e-5
@@ -111,13 +113,13 @@ def _lrelu_bias(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return F.leaky_relu(x + bias.view(1, -1, 1, 1), LRELU_SLOPE) * LRELU_GAIN
 
 
-def _blur3_kernel() -> torch.Tensor:
+def blur3_kernel() -> torch.Tensor:
     """[1,1,3,3] = outer([1,2,1],[1,2,1]) / 16, gain 1 (the dilated emulation, spec 1.4)."""
     k = torch.tensor([1.0, 2.0, 1.0])
     return (k[:, None] * k[None, :] / 16.0)[None, None]
 
 
-def _blur4_kernel(gain: float) -> torch.Tensor:
+def blur4_kernel(gain: float) -> torch.Tensor:
     """[1,1,4,4] = outer([1,3,3,1]) / 64 * gain (rosinality make_kernel; gain 4 when upsampling)."""
     k = torch.tensor([1.0, 3.0, 3.0, 1.0])
     return (k[:, None] * k[None, :] / 64.0 * gain)[None, None]
@@ -196,9 +198,9 @@ class ModulatedConv2d(nn.Module):
         self.weight = nn.Parameter(torch.empty(1, cout, cin, k, k))
         self.modulation = EqualLinear(style_dim, cin, bias_init=1.0)
         if self.kind == "dilated_up":
-            self.register_buffer("blur3", _blur3_kernel(), persistent=False)
+            self.register_buffer("blur3", blur3_kernel(), persistent=False)
         if self.kind == "up2":
-            self.register_buffer("blur4", _blur4_kernel(4.0)[0, 0], persistent=False)
+            self.register_buffer("blur4", blur4_kernel(4.0)[0, 0], persistent=False)
 
     def conv_weight(self) -> torch.Tensor:
         """[Cout, Cin, k, k], the equalized-lr scale applied."""
@@ -307,9 +309,9 @@ class ToRGB(nn.Module):
         self.skip_mode = skip
         self.dilation = dilation
         if skip == "blur":
-            self.register_buffer("blur3", _blur3_kernel(), persistent=False)
+            self.register_buffer("blur3", blur3_kernel(), persistent=False)
         if skip == "up":
-            self.register_buffer("up_kernel", _blur4_kernel(4.0)[0, 0], persistent=False)
+            self.register_buffer("up_kernel", blur4_kernel(4.0)[0, 0], persistent=False)
 
     def upsample_skip(self, skip: torch.Tensor, impl: str) -> torch.Tensor:
         """[B,3,h,w] -> [B,3,2h,2w]. upfirdn2d(up=2, pad=(2,1)) == depthwise conv_transpose2d

@@ -6,9 +6,11 @@ recipes (spec/styleganex.md section 4).
     out = eng.process(rgb_uint8_hwc)                             # uint8 [4H, 4W, 3]
 
 Every input is validated (dtype uint8, channels for the task, sizes; the message names the
-offending dimension), padded bottom/right to a multiple of 32 (reflect), routed to the smallest
-bucket that holds it (runtime.buckets.pick), split into chunks of the bucket's max batch, and the
-output is cropped to exactly 4H x 4W and converted to uint8 by truncation (spec 8.17).
+offending dimension), routed to the smallest bucket that holds it (runtime.buckets.pick; a bucket
+is named by its output side) and split into chunks of the bucket's max batch. An input whose
+sides are multiples of 8 reaches the backend at exactly its size, as the official crop gives it;
+only a side that is not is padded bottom/right (reflect) to the next multiple of 8 and the output
+cropped back, so the output is always exactly 4H x 4W, converted to uint8 by truncation (spec 8.17).
 
 Randomness (one rule, shared by every backend so they compare bit for bit): each sample b of a
 call draws from its own generator numpy.random.default_rng(seed_b), where seed_b is the `seed`
@@ -16,7 +18,7 @@ argument (an int: the same for every sample, so batching never changes a result;
 sample). From that generator, in this order:
   1. translate tasks (sketch2face, mask2face) only: z = standard_normal(style_dim)
   2. tasks with explicit noise: noise_0..noise_16, standard_normal((1, h_j, w_j)) with
-     (h_j, w_j) = runtime.tasks.noise_shapes(padded H, padded W)[j]
+     (h_j, w_j) = runtime.tasks.noise_shapes(H, W)[j] (H, W padded to 8 where they are not multiples)
 all cast to float32 and stacked batch-major. Video recipes (edit, toonify) use zero noise.
 
 Editing (edit task): editing_w = ckpt editing_w[0:1] (exported as editing_w.npy) x edit_scale.
@@ -35,7 +37,7 @@ import numpy as np
 
 from runtime import io as rio
 from runtime.backends.base import Backend
-from runtime.buckets import Bucket, padded, pick
+from runtime.buckets import Bucket, pick, res_for
 from runtime.errors import SgexError, require
 from runtime.manifest import MANIFEST_NAME, Manifest, graph_key
 from runtime.tasks import N_LATENT, N_NOISE, Task, get_task, noise_shapes
@@ -192,10 +194,11 @@ class Engine:
         return self.spec.graphs[-1]
 
     def route(self, height: int, width: int) -> tuple[str, int | None]:
-        """(graph key, max batch) for an input of height x width (before padding).
-        Artifacts: the smallest bucket that holds it. Torch: any size, no batch limit."""
+        """(graph key, max batch) for an x1 of height x width (before padding to 8).
+        Artifacts: the smallest bucket that holds it. Torch: any size (keyed by the bucket that
+        would hold it), no batch limit."""
         if self.buckets is None:
-            return graph_key(self.bucket_graph, max(padded(height), padded(width))), None
+            return graph_key(self.bucket_graph, res_for(height, width)), None
         try:
             b = pick(self.buckets, height, width)
         except ValueError as e:

@@ -51,7 +51,7 @@ from runtime._cli import run_main, setup_logging
 from runtime.buckets import check_side
 from runtime.errors import MissingDependency, SgexError
 from runtime.manifest import atomic_write_bytes, atomic_write_text, graph_key
-from runtime.tasks import ALIGNED_SIZE, N_LATENT, N_NOISE, TASKS, get_task, output_size
+from runtime.tasks import ALIGNED_SIZE, N_LATENT, N_NOISE, OUTPUT_SCALE, TASKS, get_task, output_size
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ FLOP_COUNTER = "torch.utils.flop_counter.FlopCounterMode (1 multiply-add = 2 FLO
 
 @dataclass
 class BenchConfig:
-    """What to benchmark. `res` is the x1 side (the bucket); outputs are 4*res."""
+    """What to benchmark. `res`: the buckets, named by their output side (runtime/buckets.py); each
+    is timed at its largest x1, res/4 x res/4, so the output is res x res."""
 
     task: str
     res: tuple[int, ...]
@@ -88,7 +89,7 @@ class BenchConfig:
     def check(self) -> None:
         get_task(self.task)
         if not self.res:
-            raise SgexError("--res needs at least one side")
+            raise SgexError("--res needs at least one bucket (output side)")
         for r in self.res:
             check_side(r)
         if self.mode not in MODES:
@@ -210,7 +211,7 @@ class BenchInputs:
 
 def make_inputs(task_name: str, res: int, batch: int, n_frames: int, seed: int, style_dim: int,
                 editing_w, noise: bool) -> BenchInputs:
-    """Seeded random inputs for one bucket (frame t draws from stream (seed, 1, t), x2 from
+    """Seeded random inputs at x1 side `res` (frame t draws from stream (seed, 1, t), x2 from
     (seed, 2)). z and the explicit noise follow the runtime's rule exactly
     (`runtime.engine.make_random_inputs(seed, ...)`), so the inputs are those `sgex-run` feeds."""
     import numpy as np
@@ -733,14 +734,15 @@ def _bench_bucket(cfg, backends, task, res, model, fp16_model, artifacts, editin
     import torch
 
     n_frames = cfg.frames if cfg.mode == "video" else 1
-    inputs = make_inputs(cfg.task, res, cfg.batch, n_frames, cfg.seed, ck.config.style_dim, editing_w, noise)
+    side = res // OUTPUT_SCALE  # the bucket's largest x1
+    inputs = make_inputs(cfg.task, side, cfg.batch, n_frames, cfg.seed, ck.config.style_dim, editing_w, noise)
     B = cfg.batch
     base = _TorchRunner(BASELINE, model, inputs, task, cfg.device, torch.float32)
     flops = count_flops(ck.config, inputs, task)
     # useful work per image: what sgex computes (style once per clip in video mode)
     per_image = (flops["style"] / (n_frames if cfg.mode == "video" else 1) + flops["synth"]) / B
-    oh, ow = output_size(res, res)
-    result = {"res": res, "bucket": res, "mode": cfg.mode, "batch": B, "frames": n_frames,
+    oh, ow = output_size(side, side)
+    result = {"res": res, "bucket": res, "x1": side, "mode": cfg.mode, "batch": B, "frames": n_frames,
               "output_shape": [B, 3, oh, ow], "shapes": inputs.shapes(),
               "gflop": {"style_per_call": flops["style"] / 1e9, "synth_per_call": flops["synth"] / 1e9,
                         "official_per_call": flops["official"] / 1e9,
@@ -884,8 +886,8 @@ def write_plot(path: str, result: dict) -> None:
         ax.bar(xs, p50, width, label=name, yerr=[[0] * len(runs), [b - a for a, b in zip(p50, p90)]],
                capsize=3)
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(runs))])
-    ax.set_xticklabels([f"{r['res']} -> {r['output_shape'][2]}" for r in runs])
-    ax.set_xlabel("bucket (x1 side -> output side)")
+    ax.set_xticklabels([f"{r['res']} (x1 {r['output_shape'][2] // 4})" for r in runs])
+    ax.set_xlabel("bucket = output side (x1 side)")
     per = "image batch" if result["config"]["mode"] == "image" else f"clip of {runs[0]['frames']} frames"
     ax.set_ylabel(f"ms per {per} (p50, whisker p90)")
     m = result["machine"]
@@ -908,7 +910,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "recipe (torch-official), with accuracy against it, on seeded random inputs.")
     p.add_argument("--task", required=True, choices=list(TASKS))
     p.add_argument("--res", required=True, type=int, nargs="+",
-                   help="x1 side(s) = bucket(s), multiples of 32; output is 4x")
+                   help="bucket(s): the OUTPUT side, multiples of 32; each is timed at its largest "
+                        "x1, res/4 x res/4")
     p.add_argument("--backends", type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
                    help=f"comma list from {','.join(BACKENDS)} (default: every available one, logged)")
     p.add_argument("--batch", type=int, default=1)

@@ -17,22 +17,23 @@ PROG = "sgex-calib"
 
 EXAMPLES = """\
 examples:
-  # plan for the superres checkpoint at bucket 512 from a folder of face crops, with a report
-  sgex-calib --task superres --res 512 --data faces/ --ckpt styleganex_sr.pt \\
+  # plan for the superres checkpoint at bucket 1024 (outputs up to 1024, x1 up to 256) from a
+  # folder of face crops, with a report
+  sgex-calib --task superres --res 1024 --data faces/ --ckpt styleganex_sr.pt \\
       --out plans/superres.json --report plans/superres.md
 
   # plan from 16 frames of a clip (frames spread over the video), stricter headroom
-  sgex-calib --task edit --res 256 --data clip.mp4 --ckpt styleganex_edit_hair.pt \\
+  sgex-calib --task edit --res 1024 --data clip.mp4 --ckpt styleganex_edit_hair.pt \\
       --out hair.json --samples 16 --headroom 16
 
   # no data, random weights (a smoke test of the pipeline; the plan is for noise)
-  sgex-calib --task sketch2face --res 64 --random-weights --width-div 4 --out plan.json
+  sgex-calib --task sketch2face --res 256 --random-weights --width-div 4 --out plan.json
 
   # calibrate an FP32 export you already have (no re-export)
-  sgex-calib --task superres --res 512 --artifacts artifacts/superres --out plan.json
+  sgex-calib --task superres --res 1024 --artifacts artifacts/superres --out plan.json
 
   # then export FP16 with the plan
-  sgex-export --task superres --res 512 --ckpt styleganex_sr.pt --precision fp16 --plan plans/superres.json
+  sgex-export --task superres --res 1024 --ckpt styleganex_sr.pt --precision fp16 --plan plans/superres.json
 
   # accuracy of an FP16 export against the FP32 export of the same checkpoint
   sgex-calib --compare artifacts-fp16/superres --reference artifacts/superres --report fp16.md
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--task", choices=list(TASKS), help="task to calibrate")
-    p.add_argument("--res", type=int, help="bucket side (multiple of 32) the graphs are calibrated at")
+    p.add_argument("--res", type=int, help="bucket the graphs are calibrated at: its OUTPUT side, a multiple "
+                   "of 32 (inputs are x1 up to res/4, multiples of 8)")
     p.add_argument("--data", metavar="DIR|VIDEO|IMAGE",
                    help="calibration inputs: a folder of images, a video or one image "
                    "(default: seeded synthetic inputs); mask2face reads label maps (values 0..18)")

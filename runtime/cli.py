@@ -23,6 +23,8 @@ EPILOG = """\
 examples:
   # ONNX Runtime / TensorRT on exported artifacts (sgex-export --task superres --out artifacts)
   sgex-run --task superres --artifacts artifacts/superres --input lr.png --output sr.png --scale 16
+  # the paper's demo path: degrade an HR crop to LR (official BicubicDownSample), then super-resolve
+  sgex-run --task superres --artifacts artifacts/superres --input face256.png --output sr.png --simulate-lr --scale 32
   # PyTorch straight from an official checkpoint, a whole video (style from the first frame)
   sgex-run --task toonify --backend torch --ckpt pretrained_models/styleganex_toonify_pixar.pt \\
            --input clip.mp4 --output clip_pixar.mp4 --device cuda
@@ -34,13 +36,17 @@ examples:
   sgex-run --task inversion --backend torch --random-weights --input faces/ --output out/
 
 notes:
-  The output is 4x the model input (x1). superres: x1 = the input resized by S/4 with OpenCV
-  bicubic (INTER_CUBIC), so the output is S x the input; the official script uses PIL bicubic
-  after its own face crop and LR degradation. Without --x2, the aligned face x2 that the style
+  The output is 4x the model input (x1). superres: x1 = the input resized to (w*S//4, h*S//4)
+  with PIL bicubic, as the official script's raw path (--use_raw_data), so the output is S x the
+  input; with --simulate-lr the input is an HR image that is first degraded as the official demo
+  does (BicubicDownSample by S/4, then PIL bicubic back to the input size), and the output is 4x
+  the input (S x the simulated LR). Without --x2, the aligned face x2 that the style
   code comes from is the centre square of x1 resized to 256x256; that is right only when the face
   fills the centre of the frame (real FFHQ face alignment needs a landmark detector; give an
-  aligned 256x256 face with --x2 for official-quality results). Inputs of any size are padded to a
-  multiple of 32 (reflect) and the output is cropped back to exactly 4x.
+  aligned 256x256 face with --x2 for official-quality results). Sizes: an x1 whose sides are
+  multiples of 8 (what the official face crop gives) runs at exactly its size; only a side that is
+  not is padded bottom/right to the next multiple of 8 (reflect) and the output cropped back, so
+  the output is exactly 4x. Exported artifacts take x1 up to --res/4 of their largest bucket.
   Noise and z come from --seed (numpy default_rng per image, the same for every image and frame).
 """
 
@@ -68,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, metavar="S",
                    help="superres only: output = S x input (sr: 4..48 step 4; sr32: 32). Default: the "
                         "variant's smallest (sr: 4, the input is x1 as is; sr32: 32), logged")
+    p.add_argument("--simulate-lr", action="store_true",
+                   help="superres only: the input is an HR image; make its LR as the official demo does "
+                        "(BicubicDownSample by S/4, then PIL bicubic back up) and super-resolve that "
+                        "(default --scale 32 then, the official resize_factor)")
     p.add_argument("--x2", metavar="ALIGNED_PNG",
                    help="aligned 256x256 face for the style code (RGB tasks; default: centre square of x1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise maps and of z (default 0)")
@@ -115,6 +125,8 @@ def _backend_source(args) -> str:
 def _check_task_flags(args, spec) -> None:
     if args.scale is not None and spec.name != "superres":
         raise SgexError(f"--scale applies to superres only, not {spec.name}")
+    if args.simulate_lr and spec.name != "superres":
+        raise SgexError(f"--simulate-lr applies to superres only, not {spec.name}")
     if args.edit_scale is not None and not spec.editing:
         raise SgexError(f"--edit-scale applies to edit only, not {spec.name}")
     if args.x2 and "style" not in spec.graphs:
@@ -167,7 +179,7 @@ def run(args) -> int:
     try:
         engine = _engine(args, source)
         scale = _scale(args, engine)
-        prep = (lambda im: rio.resize_for_scale(im, scale)) if scale else (lambda im: im)
+        prep = _x1_prep(scale, args.simulate_lr)
         edit_scale = 1.0 if args.edit_scale is None else args.edit_scale
         opts = dict(x2=x2, seed=args.seed, edit_scale=edit_scale)
         if kind == "image":
@@ -208,7 +220,11 @@ def _scale(args, engine) -> int | None:
     if engine.spec.name != "superres":
         return None
     allowed = engine.spec.variant(engine.variant).scales
-    if args.scale is None:
+    if args.scale is None and args.simulate_lr:
+        scale = 32  # the official resize_factor default; both variants allow it
+        log.info("--scale not given: using %d with --simulate-lr (LR = input / %d, output = 4 x input)",
+                 scale, scale // 4)
+    elif args.scale is None:
         # No resize unless asked: the smallest scale of the variant (sr: 4 = the input is x1).
         scale = allowed[0]
         log.info("--scale not given: using %d for superres variant %s (output = %d x input)",
@@ -219,6 +235,21 @@ def _scale(args, engine) -> int | None:
         shown = f"{allowed[0]}..{allowed[-1]} step 4" if len(allowed) > 1 else str(allowed[0])
         raise SgexError(f"--scale {scale} is not available for superres variant {engine.variant} ({shown})")
     return scale
+
+
+def _x1_prep(scale: int | None, simulate_lr: bool):
+    """image -> x1: the input itself (no --scale: not superres), the official raw path
+    (runtime.io.resize_for_scale) or, with --simulate-lr, the official demo path (runtime.io.simulate_lr)."""
+    from runtime import io as rio
+
+    def prep(image):
+        if scale is None:
+            return image
+        if simulate_lr:
+            return rio.simulate_lr(image, scale)[0]
+        return rio.resize_for_scale(image, scale)
+
+    return prep
 
 
 def _run_folder(engine, files, out: Path, prep, opts) -> None:

@@ -78,13 +78,15 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_superres_export(tmp_path_factory, tiny_ckpt):
-    """A tiny superres export (one bucket of side 32, max batch 2), made once per session: the
-    export is the slow part of the runtime tests. Returns the task directory."""
+    """A tiny superres export, made once per session: the export is the slow part of the runtime
+    tests. One bucket, 1024 (outputs up to 1024x1024: x1 up to 256x256, multiples of 8), max batch
+    2: what `sgex-export --task superres --res 1024` writes, at width_div=4 (the export traces at
+    x1 64x64 whatever the bucket, so a large bucket costs no more). Returns the task directory."""
     pytest.importorskip("onnxruntime")
     from export.onnx import export_task
 
-    root = tmp_path_factory.mktemp("tiny-export-superres-32")
-    export_task("superres", 32, ckpt=tiny_ckpt("superres"), out=root, max_batch=2, progress=False)
+    root = tmp_path_factory.mktemp("tiny-export-superres-1024")
+    export_task("superres", 1024, ckpt=tiny_ckpt("superres"), out=root, max_batch=2, progress=False)
     return root / "superres"
 
 

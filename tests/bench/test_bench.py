@@ -33,7 +33,7 @@ def _run(argv, capsys):
 def image_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     js, png = out / "r.json", out / "r.png"
-    rc = bench.main(["--task", "superres", "--res", "64", "--backends", "torch-official,torch,ort",
+    rc = bench.main(["--task", "superres", "--res", "256", "--backends", "torch-official,torch,ort",
                      *TINY, "--json", str(js), "--plot", str(png)])
     assert rc == 0
     return json.loads(js.read_text()), png
@@ -42,7 +42,7 @@ def image_result(tmp_path_factory):
 def test_image_json_has_every_field(image_result):
     r, png = image_result
     assert r["format"] == "sgex-bench" and r["version"] == 1
-    assert r["command"].startswith("sgex-bench --task superres --res 64")
+    assert r["command"].startswith("sgex-bench --task superres --res 256")
     assert r["backends"] == ["torch-official", "torch", "ort"] and r["baseline"] == "torch-official"
     m = r["machine"]
     for k in ("device_name", "cpu_model", "cpu_count", "load_avg_start", "load_avg_end", "platform"):
@@ -54,7 +54,7 @@ def test_image_json_has_every_field(image_result):
     assert r["noise"] == "explicit"  # superres: seeded explicit noise, the same for every backend
 
     (run,) = r["runs"]
-    assert run["res"] == 64 and run["output_shape"] == [1, 3, 256, 256]
+    assert run["res"] == 256 and run["x1"] == 64 and run["output_shape"] == [1, 3, 256, 256]  # bucket = output side
     assert run["shapes"]["x1"] == [1, 3, 64, 64] and run["shapes"]["x2"] == [1, 3, 256, 256]
     assert len(run["shapes"]["noise"]) == 17
     g = run["gflop"]
@@ -98,7 +98,7 @@ def test_table_names_every_backend(image_result):
 
 def test_video_mode_style_once_per_clip(tmp_path, capsys):
     js = tmp_path / "v.json"
-    rc, out, err = _run(["--task", "toonify", "--res", "32", "--mode", "video", "--frames", "2",
+    rc, out, err = _run(["--task", "toonify", "--res", "128", "--mode", "video", "--frames", "2",
                          "--backends", "torch-official,torch", "--random-weights", "--width-div", "4",
                          "--iters", "1", "--warmup", "0", "--json", str(js)], capsys)
     assert rc == 0, err
@@ -121,7 +121,7 @@ def test_video_mode_style_once_per_clip(tmp_path, capsys):
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
 def test_unavailable_backend_is_one_line_error(capsys):
-    rc, out, err = _run(["--task", "superres", "--res", "64", "--backends", "torch,trt", *TINY], capsys)
+    rc, out, err = _run(["--task", "superres", "--res", "256", "--backends", "torch,trt", *TINY], capsys)
     assert rc == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -131,8 +131,8 @@ def test_unavailable_backend_is_one_line_error(capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--res", "100"], "multiple of 32"),
-    (["--res", "64", "--backends", "onnx"], "unknown backend"),
-    (["--res", "64", "--iters", "0"], "--iters"),
+    (["--res", "256", "--backends", "onnx"], "unknown backend"),
+    (["--res", "256", "--iters", "0"], "--iters"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, needle, capsys):
     rc, _, err = _run(["--task", "superres", *argv, *TINY[:3]], capsys)
@@ -154,7 +154,7 @@ def test_summarize_and_compare():
 
 
 def test_default_backends_are_the_available_ones_and_logged(caplog):
-    cfg = bench.BenchConfig(task="superres", res=(64,), random_weights=True)
+    cfg = bench.BenchConfig(task="superres", res=(256,), random_weights=True)
     with caplog.at_level("INFO", logger="bench.cli"):
         chosen = bench.resolve_backends(cfg)
     assert chosen[0] == "torch-official" and "torch" in chosen

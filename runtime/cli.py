@@ -164,21 +164,25 @@ def run(args) -> int:
     # Every input is read and checked before a model is loaded.
     x2 = rio.read_x2(args.x2) if args.x2 else None
     reader = image = files = None
+    sizes = []  # (name, height, width) of every input, for the bucket check
     if kind == "image":
         image = rio.task_image(rio.read_image(inp), spec, str(inp))
+        sizes.append((str(inp), *image.shape[:2]))
     elif kind == "folder":
         files = rio.list_images(inp)
         for f in files:
-            rio.task_image(rio.read_image(f), spec, str(f))
+            sizes.append((str(f), *rio.task_image(rio.read_image(f), spec, str(f)).shape[:2]))
     else:
         from runtime.video import VideoReader
 
         reader = VideoReader(inp)
-        rio.task_image(reader.first, spec, f"{inp}: frame 0")
+        sizes.append((str(inp), *rio.task_image(reader.first, spec, f"{inp}: frame 0").shape[:2]))
+    if source == "artifacts":
+        _check_buckets(args, spec, sizes)
 
     try:
         engine = _engine(args, source)
-        scale = _scale(args, engine)
+        scale = _scale(args, engine.spec, engine.variant)
         prep = _x1_prep(scale, args.simulate_lr)
         edit_scale = 1.0 if args.edit_scale is None else args.edit_scale
         opts = dict(x2=x2, seed=args.seed, edit_scale=edit_scale)
@@ -216,24 +220,42 @@ def _engine(args, source: str):
     return engine
 
 
-def _scale(args, engine) -> int | None:
-    if engine.spec.name != "superres":
+def _check_buckets(args, spec, sizes) -> None:
+    """Refuse, before a model loads, an input whose x1 no exported bucket holds (one line naming the
+    --res that would hold it). Reads only the manifest; Engine verifies the files when it loads."""
+    from runtime.buckets import pick
+    from runtime.engine import exported_buckets
+    from runtime.io import x1_size
+
+    variant, buckets = exported_buckets(args.artifacts, args.task)
+    scale = _scale(args, spec, variant, quiet=True)
+    for name, h, w in sizes:
+        xh, xw = x1_size(h, w, scale, args.simulate_lr)
+        try:
+            pick(buckets, xh, xw)
+        except ValueError as e:
+            raise SgexError(f"{name}: {e}") from None
+
+
+def _scale(args, spec, variant: str, quiet: bool = False) -> int | None:
+    if spec.name != "superres":
         return None
-    allowed = engine.spec.variant(engine.variant).scales
+    allowed = spec.variant(variant).scales
+    say = (lambda *a: None) if quiet else log.info
     if args.scale is None and args.simulate_lr:
         scale = 32  # the official resize_factor default; both variants allow it
-        log.info("--scale not given: using %d with --simulate-lr (LR = input / %d, output = 4 x input)",
-                 scale, scale // 4)
+        say("--scale not given: using %d with --simulate-lr (LR = input / %d, output = 4 x input)",
+            scale, scale // 4)
     elif args.scale is None:
         # No resize unless asked: the smallest scale of the variant (sr: 4 = the input is x1).
         scale = allowed[0]
-        log.info("--scale not given: using %d for superres variant %s (output = %d x input)",
-                 scale, engine.variant, scale)
+        say("--scale not given: using %d for superres variant %s (output = %d x input)",
+            scale, variant, scale)
     else:
         scale = args.scale
     if scale not in allowed:
         shown = f"{allowed[0]}..{allowed[-1]} step 4" if len(allowed) > 1 else str(allowed[0])
-        raise SgexError(f"--scale {scale} is not available for superres variant {engine.variant} ({shown})")
+        raise SgexError(f"--scale {scale} is not available for superres variant {variant} ({shown})")
     return scale
 
 

@@ -44,7 +44,7 @@ from runtime.tasks import N_LATENT, N_NOISE, Task, get_task, noise_shapes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "make_random_inputs", "noise_names"]
+__all__ = ["Engine", "make_random_inputs", "noise_names", "exported_buckets"]
 
 
 def noise_names() -> list[str]:
@@ -88,6 +88,13 @@ def _task_dir(artifacts_dir, task: str | None) -> Path:
     if not (d / MANIFEST_NAME).is_file() and task is not None and (d / task / MANIFEST_NAME).is_file():
         return d / task
     return d
+
+
+def exported_buckets(artifacts_dir, task: str | None = None) -> tuple[str, list[Bucket]]:
+    """(variant, buckets) of an exported task directory (or export root) from its manifest alone:
+    no hashing, no model loaded, so a CLI can refuse an input no bucket holds before loading."""
+    manifest = Manifest.load(_task_dir(artifacts_dir, task), task=task)
+    return manifest.variant, manifest.buckets()
 
 
 class Engine:

@@ -33,7 +33,8 @@ __all__ = [
     "IMAGE_EXTS", "VIDEO_EXTS", "is_image_path", "is_video_path", "check_input_file", "read_image", "write_image",
     "list_images", "check_output_path", "atomic_output", "task_image", "check_batch", "pad_to_multiple",
     "rgb_to_model", "sketch_to_model", "mask_to_model", "to_uint8", "centre_square_x2",
-    "resize_for_scale", "check_x2", "check_input_file", "read_x2", "crop_output",
+    "resize_for_scale", "check_x2", "check_input_file", "read_x2", "crop_output", "bicubic_downsample",
+    "simulate_lr", "x1_size",
 ]
 
 
@@ -327,13 +328,21 @@ def _pil_bicubic(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(out)
 
 
+def x1_size(height: int, width: int, scale: int | None, simulate_lr: bool = False) -> tuple[int, int]:
+    """The x1 size sgex-run makes from an input of height x width: (h*scale//4, w*scale//4) for
+    superres (resize_for_scale), the input size with simulate_lr or without a scale."""
+    if scale is None or simulate_lr:
+        return height, width
+    return height * scale // OUTPUT_SCALE, width * scale // OUTPUT_SCALE
+
+
 def resize_for_scale(image: np.ndarray, scale: int) -> np.ndarray:
     """Superres x1 from an LR image, as image_translation.py's raw path (spec 4.1): PIL bicubic to
     (w*scale//4, h*scale//4) (floor sizes), so the 4x generator output is `scale` x the input.
     [h, w, 3] -> [h*scale//4, w*scale//4, 3]; the image itself when the size does not change. (The
     official script then applies its face crop; sgex-run takes the result as x1.)"""
     h, w = image.shape[:2]
-    nh, nw = h * scale // OUTPUT_SCALE, w * scale // OUTPUT_SCALE
+    nh, nw = x1_size(h, w, scale)
     if (nh, nw) == (h, w):
         return image
     if min(nh, nw) < 1:

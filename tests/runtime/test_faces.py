@@ -3,7 +3,7 @@
 Every expected value is derived here from the formulas of spec 4.0 and the FFHQ alignment maths,
 written independently of runtime/faces.py (which is only called as the thing under test), and
 dlib is called directly for the detections and landmarks. Detection costs about 0.2 s a call on
-this machine, so it runs once per session (fixtures below)."""
+this machine, so it runs once per session (fixtures in conftest.py and below)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 dlib = pytest.importorskip("dlib")
 pytest.importorskip("PIL")
 pytest.importorskip("scipy")
-skdata = pytest.importorskip("skimage.data")
+pytest.importorskip("skimage.data")
 
 import cv2  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -31,11 +31,6 @@ def _predictor_file() -> str:
 
 
 @pytest.fixture(scope="session")
-def astronaut():
-    return skdata.astronaut()
-
-
-@pytest.fixture(scope="session")
 def dlib_truth(astronaut):
     """dlib called directly: [(rect, score, landmarks [68, 2])] in dlib's own order."""
     det = dlib.get_frontal_face_detector()
@@ -46,11 +41,6 @@ def dlib_truth(astronaut):
         lm = np.array([[p.x, p.y] for p in pred(astronaut, r).parts()], dtype=np.float64)
         out.append((r, s, lm))
     return out
-
-
-@pytest.fixture(scope="session")
-def found(astronaut):
-    return faces.detect(astronaut)
 
 
 # -- the formulas of spec 4.0, written here ---------------------------------------------------------

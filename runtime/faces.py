@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Face", "CropParams", "predictor_path", "detect", "points_of", "five_points", "crop_params",
-    "pil_resize", "crop", "align", "crop_landmarks", "check_points", "paste_canvas", "paste_box", "feather_mask",
+    "pil_resize", "crop", "align", "crop_landmarks", "to_crop", "check_points", "paste_canvas", "paste_box", "feather_mask",
     "paste_back", "CropTracker", "DETECT_UPSAMPLE", "CROP_PADDING", "EYE_DISTANCE", "FEATHER",
     "TRACK_ALPHA", "CANVAS_FILTER",
 ]
@@ -307,7 +307,7 @@ def crop_landmarks(x1: np.ndarray, params: CropParams, face: Points) -> np.ndarr
     on the crop). Of the faces found in x1, the one whose eye midpoint is nearest to `face`'s
     (mapped into crop coordinates) is taken, so another face or the patch is never aligned
     instead. When no face is found in x1, `face`'s points mapped into the crop are used (logged)."""
-    mapped = _to_crop(points_of(face), params)
+    mapped = to_crop(points_of(face), params)
     found = detect(x1)
     if not found:
         log.info("no face re-detected in the %dx%d crop: aligning with the frame's landmarks mapped "
@@ -322,8 +322,9 @@ def _eye_mid(points: np.ndarray) -> np.ndarray:
     return (el + er) / 2
 
 
-def _to_crop(points: np.ndarray, params: CropParams) -> np.ndarray:
-    """Frame coordinates -> crop coordinates (cv2.resize maps pixel centres by the size ratio)."""
+def to_crop(points: np.ndarray, params: CropParams) -> np.ndarray:
+    """Frame coordinates -> crop coordinates: times scale, minus (left, top). (cv2.resize maps by
+    the size ratio w / W, which differs from scale only by the rounding of w.)"""
     return points * params.scale - np.array([params.left, params.top], dtype=np.float64)
 
 
@@ -429,9 +430,3 @@ class CropTracker:
         top = min(max(round(cy - self.padding[2]), 0) // m * m, (p.h - ch) // m * m)
         self.params = p._replace(top=int(top), bottom=int(top + ch), left=int(left), right=int(left + cw))
         return self.params
-
-
-def rank_hint(faces: list[Face]) -> str:
-    """One line naming the detections (for logs)."""
-    return ", ".join(f"{f.box} score {f.score:.3f}" for f in faces)
-

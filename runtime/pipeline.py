@@ -176,9 +176,13 @@ def _job(frame: np.ndarray, face, x2: np.ndarray | None, padding) -> FaceJob:
     points = F.points_of(face)
     params = F.crop_params(frame.shape, points, padding)
     x1 = F.crop(frame, params)
+    detected = isinstance(face, F.Face)
     if x2 is None:
-        x2 = F.align(x1, F.crop_landmarks(x1, params, points))
-    score = face.score if isinstance(face, F.Face) else None
+        # dlib's faces: re-detected in the crop, as the official align_face. User landmarks: mapped
+        # into the crop, so a user's own detector is the only landmark model that runs.
+        lm = F.crop_landmarks(x1, params, points) if detected else F.to_crop(points, params)
+        x2 = F.align(x1, lm)
+    score = face.score if detected else None
     return FaceJob(points, params, x1, x2, score)
 
 

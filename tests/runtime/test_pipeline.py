@@ -205,7 +205,7 @@ def test_cli_output_is_4x_the_official_crop(tmp_path, tiny_ckpt, window_png):
     H, W, top, bottom, left, right, _ = ref_params(img.shape, found[0].landmarks, (256,) * 4)
     assert rio.read_image(out).shape == (4 * (bottom - top), 4 * (right - left), 3)
 
-    # --landmarks with 68 and with 5 points: the same crop and the same pixels as detection
+    # --landmarks with 68 and with 5 points: the crop of detection, and 5 points give the 68's pixels
     lm = found[0].landmarks
     five = np.stack([lm[36:42].mean(0), lm[42:48].mean(0), lm[30], lm[48], lm[54]])
     for name, pts in (("68", lm), ("5", five)):
@@ -213,7 +213,19 @@ def test_cli_output_is_4x_the_official_crop(tmp_path, tiny_ckpt, window_png):
         o = tmp_path / f"o{name}.png"
         assert main(["--task", "superres", "--ckpt", tiny_ckpt("superres"), "--input", str(path),
                      "--output", str(o), "--landmarks", str(tmp_path / f"{name}.json")]) == 0
-        np.testing.assert_array_equal(rio.read_image(o), rio.read_image(out))
+        assert rio.read_image(o).shape == rio.read_image(out).shape
+    np.testing.assert_array_equal(rio.read_image(tmp_path / "o5.png"), rio.read_image(tmp_path / "o68.png"))
+
+
+def test_user_landmarks_give_the_detection_crop(astronaut, found, monkeypatch):
+    """5 or 68 user points: the same params and x1 as dlib's face, and dlib is not run at all."""
+    _, want = pipeline.prepare(astronaut, "superres", FaceOptions(), selected=found[:1])
+    monkeypatch.setattr(F, "detect", lambda *a, **k: pytest.fail("dlib ran on user landmarks"))
+    lm = found[0].landmarks
+    for pts in (lm, F.five_points(lm)):
+        _, (job,) = pipeline.prepare(astronaut, "superres", FaceOptions(landmarks=(pts,)))
+        assert job.params == want[0].params
+        np.testing.assert_array_equal(job.x1, want[0].x1)
 
 
 def test_cli_paste_back_full_frame(tmp_path, tiny_ckpt, window_png):

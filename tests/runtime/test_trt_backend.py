@@ -2,9 +2,11 @@
 
 CPU (default run): the manifest compatibility checks (TensorRT version, GPU, sha256, stale ONNX),
 the profile check of feeds, the missing-dependency message, and the backend's own control flow
-(shape sets, pinned copies, CUDA-graph capture order and replay, LRU release) against an in-process
-fake of the tensorrt and cuda-python modules. The fake checks sgex's bookkeeping only; it says
-nothing about TensorRT itself.
+(shape sets, pinned copies, one execution context per shape set under CUDA graphs on shared
+user-managed memory, synchronize-then-capture order and replay, the capture-failure path, LRU
+release, the driver-too-old message, cudaSetDevice on a worker thread) against an in-process fake
+of the tensorrt and cuda-python modules that follows the documented CUDA semantics (see
+_FakeCudart). The fake checks sgex's bookkeeping only; it says nothing about TensorRT itself.
 
 `trt` marker (skips without TensorRT): the real thing end to end: export a small bucket of a tiny
 random checkpoint in FP16, build the engine, run it through runtime.Engine(backend="trt"), compare

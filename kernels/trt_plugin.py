@@ -33,9 +33,8 @@ the JIT path (aot=0) a CUDA build of torch, which runs the kernel at inference t
 `register()` and `require_jit_runtime()` say so in one line (`PluginUnavailable`).
 
 The PTX is compiled for the GPU building the engine (the current CUDA device, read with
-cuda-python, which the trt extra installs); for
-Hopper Triton emits `.target sm_90a`, which runs on sm_90 parts only -- TensorRT engines are tied
-to the GPU they were built on anyway.
+cuda-python, which the trt extra installs); for Hopper Triton emits `.target sm_90a`, which runs
+on sm_90 parts only -- TensorRT engines are tied to the GPU they were built on anyway.
 
 Triton's hidden kernel parameters. Since Triton 3.3 every compiled kernel takes a trailing
 `global_scratch` pointer, and since 3.5 also `profile_scratch`; Triton's own launcher appends them,

@@ -160,6 +160,7 @@ def load(libdir: Path, major: int):
     `tensorrt` / `tensorrt.plugin`. Returns (trt, trtp, the stand-in libnvinfer handle)."""
     handles = [ctypes.CDLL(str(libdir / f"lib{n}.so.{major}"), mode=ctypes.RTLD_GLOBAL)
                for n in ("nvinfer", "nvinfer_plugin", "nvonnxparser")]
+    sys.modules["tensorrt_libs"] = None  # where real TensorRT is installed too: never load its libraries
     import tensorrt_bindings
 
     sys.modules["tensorrt"] = tensorrt_bindings

@@ -386,9 +386,19 @@ def paste_back(canvas: np.ndarray, face_out: np.ndarray, box: tuple[int, int, in
         face_out = cv2.resize(face_out, (bw, bh), interpolation=cv2.INTER_AREA)
     edges = (top > 0, bottom < canvas.shape[0], left > 0, right < canvas.shape[1])
     m = feather_mask(bh, bw, edges=edges)
-    region = canvas[top:bottom, left:right].astype(np.float32)
-    blended = region + (face_out.astype(np.float32) - region) * m
-    canvas[top:bottom, left:right] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    region = canvas[top:bottom, left:right]
+    # Where the mask is 1 the blend is the face output exactly, so only the border strips of the
+    # ramp are blended in float (a 2048x2048 box: ~10x less work than blending all of it).
+    r = min(int(np.ceil(max(1.0, FEATHER * min(bh, bw)))), bh // 2, bw // 2)
+    strips = [(slice(0, r), slice(None)), (slice(bh - r, bh), slice(None)),
+              (slice(r, bh - r), slice(0, r)), (slice(r, bh - r), slice(bw - r, bw))]
+    blended = []
+    for sl in strips:
+        a = region[sl].astype(np.float32)
+        blended.append(np.clip(np.rint(a + (face_out[sl].astype(np.float32) - a) * m[sl]), 0, 255).astype(np.uint8))
+    region[...] = face_out
+    for sl, v in zip(strips, blended):
+        region[sl] = v
     return canvas
 
 

@@ -243,14 +243,18 @@ def test_paste_back_touches_only_the_box(astronaut, found):
     np.testing.assert_array_equal(canvas, want)
     box = faces.paste_box(p, astronaut.shape, canvas.shape)
     assert box == (4 * p.top, 4 * p.bottom, 4 * p.left, 4 * p.right)
-    face_out = np.full((box[1] - box[0], box[3] - box[2], 3), 7, np.uint8)
-    out = faces.paste_back(canvas.copy(), face_out, box)
     t, b, le, r = box
+    face_out = np.random.default_rng(0).integers(0, 256, (b - t, r - le, 3), dtype=np.uint8)
+    out = faces.paste_back(canvas.copy(), face_out, box)
     inside = np.zeros(out.shape[:2], bool)
     inside[t:b, le:r] = True
     np.testing.assert_array_equal(out[~inside], want[~inside])
-    cy, cx = (t + b) // 2, (le + r) // 2
-    assert (out[cy, cx] == 7).all()
+    # inside: the feathered blend of every pixel (the top edge is on the frame border: hard)
+    m = faces.feather_mask(b - t, r - le, edges=(t > 0, b < canvas.shape[0], le > 0, r < canvas.shape[1]))
+    src = want[t:b, le:r].astype(np.float32)
+    blend = np.clip(np.rint(src + (face_out.astype(np.float32) - src) * m), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(out[t:b, le:r], blend)
+    assert t == 0 and (out[0, le + (r - le) // 2] == face_out[0, (r - le) // 2]).all()
 
 
 def test_tracker_follows_and_keeps_size(astronaut, found):

@@ -304,3 +304,17 @@ def test_cli_full_photo_all_faces(tmp_path, tiny_ckpt):
     assert main(["--task", "superres", "--ckpt", tiny_ckpt("superres"), "--input", str(ROOT / "examples" / "astronaut.png"),
                  "--output", str(out), "--faces", "all"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o_face0.png", "o_face1.png"]
+
+
+def test_track_frame_without_face_keeps_the_last_crop(toon, astronaut, monkeypatch, caplog):
+    frames = shifted_frames(astronaut, n=3)
+    frames.insert(2, np.full_like(frames[0], 128))  # no face in frame 2
+    seen = record_crops(monkeypatch)
+    with caplog.at_level("INFO"):
+        out = list(toon.process_video(frames, faces=FaceOptions(track=True, padding=SMALL)))
+    assert len(out) == 4
+    per_frame = seen[1:]
+    assert per_frame[2] == per_frame[1]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("without a face keeps the last crop" in m for m in msgs) == 1  # said once
+    assert any("1 of 4 frames had no face" in m for m in msgs)  # and counted at the end

@@ -319,21 +319,14 @@ def centre_square_x2(image: np.ndarray) -> np.ndarray:
     return cv2.resize(sq, (ALIGNED_SIZE, ALIGNED_SIZE), interpolation=interp)
 
 
-def _pil_bicubic(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """uint8 [h, w(, 3)] -> [height, width(, 3)] with PIL's bicubic filter (Image.resize's default
-    for RGB in the official scripts: Image.Resampling.BICUBIC, a = -0.5, antialiased)."""
-    from PIL import Image  # Pillow is a base dependency; imported here to keep `import runtime` light
-
-    out = Image.fromarray(np.ascontiguousarray(image)).resize((width, height), Image.Resampling.BICUBIC)
-    return np.asarray(out)
-
-
 def x1_size(height: int, width: int, scale: int | None, simulate_lr: bool = False) -> tuple[int, int]:
     """The x1 size sgex-run makes from an input of height x width: (h*scale//4, w*scale//4) for
     superres (resize_for_scale), the input size with simulate_lr or without a scale."""
+    from runtime.recipes import pre_resize_size
+
     if scale is None or simulate_lr:
         return height, width
-    return height * scale // OUTPUT_SCALE, width * scale // OUTPUT_SCALE
+    return pre_resize_size(height, width, scale)
 
 
 def resize_for_scale(image: np.ndarray, scale: int) -> np.ndarray:
@@ -347,7 +340,9 @@ def resize_for_scale(image: np.ndarray, scale: int) -> np.ndarray:
         return image
     if min(nh, nw) < 1:
         raise SgexError(f"input {h}x{w} at --scale {scale} gives an empty x1 ({nh}x{nw})")
-    return _pil_bicubic(image, nw, nh)
+    from runtime.faces import pil_resize
+
+    return pil_resize(image, nh, nw)
 
 
 def _cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
@@ -392,6 +387,8 @@ def simulate_lr(image: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
     [H, W, 3]: LR = bicubic_downsample(image, scale // 4), then x1 = LR resized back to (W, H) with
     PIL bicubic. Returns (x1 [H, W, 3], LR [H//f, W//f, 3]); the output of x1 is 4H x 4W, i.e.
     `scale` x the LR."""
+    from runtime.faces import pil_resize
+
     lr = bicubic_downsample(image, scale // OUTPUT_SCALE)
     h, w = image.shape[:2]
-    return _pil_bicubic(lr, w, h), lr
+    return pil_resize(lr, h, w), lr

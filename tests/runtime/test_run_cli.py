@@ -92,6 +92,8 @@ def _bad_case(case: str, d: Path) -> tuple[list[str], Path]:
         return ["--task", "toonify", "--random-weights", "--scale", "8", "--input", str(ok_in), "--output", str(out)], out
     if case == "simulate_lr_for_toonify":
         return ["--task", "toonify", "--random-weights", "--simulate-lr", "--input", str(ok_in), "--output", str(out)], out
+    if case == "simulate_lr_without_no_align":
+        return torch_sr + ["--simulate-lr", "--input", str(ok_in), "--output", str(out)], out
     if case == "missing_artifacts_dir":
         return ["--task", "superres", "--artifacts", str(d / "nowhere"), "--input", str(ok_in), "--output", str(out)], out
     raise AssertionError(case)
@@ -101,7 +103,7 @@ BAD_CASES = ["missing_input", "not_an_image", "empty_file", "grey_for_rgb_task",
              "unwritable_output", "output_is_a_directory", "output_dir_missing", "not_an_image_output",
              "video_no_frames", "video_junk", "video_to_image", "empty_folder", "folder_with_bad_image",
              "x2_wrong_size", "torch_without_checkpoint", "ort_without_artifacts", "scale_for_toonify",
-             "simulate_lr_for_toonify", "missing_artifacts_dir"]
+             "simulate_lr_for_toonify", "simulate_lr_without_no_align", "missing_artifacts_dir"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -117,7 +119,7 @@ def test_bad_input_one_line_no_output(tmp_path, case):
 
 
 def test_checkpoint_of_another_task(tmp_path, tiny_ckpt):
-    r = sgex_run("--task", "toonify", "--ckpt", tiny_ckpt("superres"), "--input", str(png(tmp_path / "a.png", (16, 16, 3))),
+    r = sgex_run("--task", "toonify", "--ckpt", tiny_ckpt("superres"), "--no-align", "--input", str(png(tmp_path / "a.png", (16, 16, 3))),
                  "--output", str(tmp_path / "o.png"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "superres" in r.stderr, r.stderr
     assert not (tmp_path / "o.png").exists()
@@ -138,7 +140,7 @@ def test_help_has_examples(capsys):
 def test_image_superres_scale(tmp_path, tiny_ckpt):
     src = png(tmp_path / "lr.png", (12, 10, 3))
     assert main(["--task", "superres", "--ckpt", tiny_ckpt("superres"), "--input", str(src),
-                 "--output", str(tmp_path / "sr.png"), "--scale", "8", "--device", "cpu"]) == 0
+                 "--output", str(tmp_path / "sr.png"), "--scale", "8", "--device", "cpu", "--no-align"]) == 0
     assert rio.read_image(tmp_path / "sr.png").shape == (96, 80, 3)  # 8 x the input
 
 
@@ -147,7 +149,7 @@ def test_folder(tmp_path, tiny_ckpt):
     png(tmp_path / "in" / "a.png", (16, 20, 3), 1)
     png(tmp_path / "in" / "b.jpg", (24, 16, 3), 2)
     assert main(["--task", "superres", "--backend", "torch", "--ckpt", tiny_ckpt("superres"), "--scale", "4",
-                 "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == 0
+                 "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--no-align"]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.jpg"]
     assert rio.read_image(tmp_path / "out" / "b.jpg").shape == (96, 64, 3)
 
@@ -155,7 +157,7 @@ def test_folder(tmp_path, tiny_ckpt):
 def test_video_round_trip(tmp_path, tiny_ckpt):
     src = mp4(tmp_path / "clip.mp4", frames=3, fps=10.0, size=(32, 24))
     out = tmp_path / "clip_out.mp4"
-    assert main(["--task", "superres", "--ckpt", tiny_ckpt("superres"), "--scale", "4",
+    assert main(["--task", "superres", "--ckpt", tiny_ckpt("superres"), "--scale", "4", "--no-align",
                  "--input", str(src), "--output", str(out)]) == 0
     cap = cv2.VideoCapture(str(out))
     n = 0
@@ -178,7 +180,7 @@ def test_random_weights_notice(tmp_path, caplog):
 def test_ort_cli_matches_torch_cli(tmp_path, tiny_superres_export, tiny_ckpt):
     art = tiny_superres_export  # superres, bucket 1024
     src = png(tmp_path / "in.png", (6, 7, 3), 3)
-    common = ["--task", "superres", "--input", str(src), "--scale", "16", "--seed", "4"]  # x1 24x28
+    common = ["--task", "superres", "--input", str(src), "--scale", "16", "--seed", "4", "--no-align"]  # x1 24x28
     assert main(common + ["--artifacts", str(art.parent), "--output", str(tmp_path / "ort.png")]) == 0
     assert main(common + ["--ckpt", tiny_ckpt("superres"), "--output", str(tmp_path / "pt.png")]) == 0
     a, b = rio.read_image(tmp_path / "ort.png"), rio.read_image(tmp_path / "pt.png")
@@ -191,7 +193,7 @@ def test_ort_cli_matches_torch_cli(tmp_path, tiny_superres_export, tiny_ckpt):
     # ort vs torch through the whole CLI (tight float bounds: test_engine.py). The tiny random
     # checkpoint's w+ is ~1e3, which turns float32 noise into a few pixel levels at a few pixels.
     assert (a != b).mean() < 5e-3
-    r = sgex_run("--task", "toonify", "--artifacts", str(art), "--input", str(src), "--output", str(tmp_path / "x.png"))
+    r = sgex_run("--task", "toonify", "--artifacts", str(art), "--no-align", "--input", str(src), "--output", str(tmp_path / "x.png"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not 'toonify'" in r.stderr, r.stderr
     assert not (tmp_path / "x.png").exists()
 
@@ -201,11 +203,12 @@ def test_bucket_1024_gives_1024_from_256_and_refuses_264(tmp_path, tiny_superres
     1024x1024; x1 264x264 is refused with one line naming the bucket that would hold it."""
     art = tiny_superres_export
     ok = png(tmp_path / "x256.png", (256, 256, 3), 5)
-    assert main(["--task", "superres", "--artifacts", str(art), "--input", str(ok), "--output",
+    assert main(["--task", "superres", "--artifacts", str(art), "--no-align", "--input", str(ok), "--output",
                  str(tmp_path / "o.png")]) == 0
     assert rio.read_image(tmp_path / "o.png").shape == (1024, 1024, 3)
     big = png(tmp_path / "x264.png", (264, 264, 3), 6)
-    r = sgex_run("--task", "superres", "--artifacts", str(art), "--input", str(big), "--output", str(tmp_path / "b.png"))
+    r = sgex_run("--task", "superres", "--artifacts", str(art), "--no-align", "--input", str(big), "--output",
+                 str(tmp_path / "b.png"))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "x1 264x264 does not fit" in lines[0] and "--res 1056" in lines[0], r.stderr
@@ -216,7 +219,7 @@ def test_simulate_lr_cli_is_the_official_demo_path(tmp_path, tiny_ckpt):
     src = png(tmp_path / "hr.png", (48, 40, 3), 7)
     out = tmp_path / "sr.png"
     assert main(["--task", "superres", "--ckpt", tiny_ckpt("superres"), "--input", str(src), "--output", str(out),
-                 "--simulate-lr", "--scale", "16", "--seed", "2"]) == 0
+                 "--no-align", "--simulate-lr", "--scale", "16", "--seed", "2"]) == 0
     from runtime.engine import Engine
 
     x1, lr = rio.simulate_lr(rio.read_image(src), 16)

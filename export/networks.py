@@ -16,7 +16,7 @@ Three formulations of the generator's modulated convolutions, picked by `impl` (
   conv_transpose2d for the dilated up-convs with the blur as in spec 1.4, upfirdn2d as pad+conv).
   Used by `StyleGANEX.forward_official`, the parity oracle and benchmark baseline.
 
-Sizes (spec 5): x1 [B,C,H,W] with H, W multiples of 8 (sgex pads to 32) -> f [B,512,H/8,W/8]
+Sizes (spec 5): x1 [B,C,H,W] with H, W multiples of 8 (sgex pads only sides that are not) -> f [B,512,H/8,W/8]
 -> output [B,3,4H,4W]. Channel counts are divided by `ModelConfig.width_div` (tiny test models).
 """
 

@@ -1,7 +1,7 @@
 """PyTorch backend: runs the reference model (export.networks.StyleGANEX) behind the same graph
 keys and I/O names as the ONNX graphs, so it is the parity oracle for every other backend.
 
-The bucket side of a key is ignored (the model takes any size that is a multiple of 32). torch is
+The bucket side of a key is ignored (the model takes any size that is a multiple of 8). torch is
 imported here only; `runtime` itself imports without it.
 """
 

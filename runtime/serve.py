@@ -131,6 +131,11 @@ class ServeConfig:
         return self
 
 
+class EngineFailure(RuntimeError):
+    """The Engine refused a batch whose every input was already validated here: a server-side
+    fault (500), not the user's, since a batch holds several users' requests."""
+
+
 class HttpError(Exception):
     """A refused request: HTTP status and a one-line message (the JSON body's "error")."""
 
@@ -378,7 +383,7 @@ class SgexServer:
         except HttpError as e:
             self._counts["errors_4xx"] += 1
             return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
-        except SgexError as e:  # the Engine refused the input: the user's, never a 500
+        except SgexError as e:  # refused while validating this request's own input: never a 500
             self._counts["errors_4xx"] += 1
             return JSONResponse({"error": " ".join(str(e).split())}, status_code=400)
         except Exception:
@@ -470,6 +475,8 @@ class SgexServer:
         slot.pending += 1
         try:
             return await slot.fn(item, key)
+        except SgexError as e:
+            raise EngineFailure(f"synth batch {key}: {e}") from e
         finally:
             slot.pending -= 1
             if slot.pending == 0:
@@ -512,7 +519,10 @@ class SgexServer:
         fut = asyncio.get_running_loop().create_future()
         self._style_inflight[key] = fut
         try:
-            wplus = await self._style(x2)
+            try:
+                wplus = await self._style(x2)
+            except SgexError as e:
+                raise EngineFailure(f"style batch: {e}") from e
             self._style_cache.put(key, wplus)
             fut.set_result(wplus)
             return wplus, False
@@ -531,8 +541,10 @@ class SgexServer:
 
     def stats(self) -> dict:
         """This replica's counters: requests, engine calls (synth/translate batches), style calls,
-        style-cache hits and misses, refused (4xx) and failed (5xx) requests, cache entries."""
-        return {**self._counts, "style_cache_entries": len(self._style_cache)}
+        style-cache hits and misses, refused (4xx) and failed (5xx) requests, cache entries, and
+        the ONNX Runtime intra-op threads the backend was opened with."""
+        return {**self._counts, "style_cache_entries": len(self._style_cache),
+                "intra_op_threads": getattr(self.engine.backend, "intra_op_threads", None)}
 
     def __del__(self):
         pool = getattr(self, "_pool", None)

@@ -194,7 +194,15 @@ def test_models_and_health(server, engine):
     assert m["random_weights"] is True and m["precision"] == engine.manifest.precision
     assert m["versions"] == engine.manifest.versions
     status, _, body = client.request("GET", "/healthz")
-    assert status == 200 and json.loads(body)["status"] == "ok"
+    health = json.loads(body)
+    assert status == 200 and health["status"] == "ok"
+    assert health["intra_op_threads"] == 1, "the replica's ORT pool must follow --num-cpus 1"
+
+
+def test_engine_sessions_get_the_requested_intra_op_threads(engine):
+    """The thread count the replica passes reaches ONNX Runtime's session options."""
+    for key in engine.manifest.graphs:
+        assert engine.backend.session(key).get_session_options().intra_op_num_threads == 1
 
 
 def test_one_request_equals_engine(server, engine):
@@ -204,6 +212,12 @@ def test_one_request_equals_engine(server, engine):
     _check_image_response(engine, *_post(client, img, 7), img, 7)
     status, headers, body = client.request("POST", "/v1/superres?seed=7", _png(img), {"Accept": "image/jpeg"})
     assert status == 200 and headers["content-type"] == "image/jpeg" and body[:2] == b"\xff\xd8"
+    # a JPEG input: its size is read from the JPEG frame header, the pixels as OpenCV decodes them
+    from runtime import io as rio
+
+    jpeg = rio.encode_image(img, ".jpg")
+    status, headers, body = client.request("POST", "/v1/superres?seed=7", jpeg, {"Content-Type": "image/jpeg"})
+    _check_image_response(engine, status, headers, body, rio.decode_image(jpeg), 7)
 
 
 def test_json_request_with_x2_and_style_cache(server, engine):
@@ -338,3 +352,57 @@ def test_cli_refuses_bad_arguments_before_ray_starts(tmp_path):
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("sgex-serve: error:") and text in lines[0], r.stderr
+
+
+def test_internal_failure_is_500_with_an_id_in_the_log(tiny_superres_export, monkeypatch, caplog):
+    """In process (no Ray cluster): an Engine failure inside a batch answers 500 with an id, and
+    the same id with the traceback is in the log; an SgexError there is a 500 too, since every
+    input of a batch was validated before it and a batch holds several users' requests. Ray's
+    check that serve.batch runs inside a replica is switched off for this direct call."""
+    import asyncio
+    import logging
+    import traceback
+
+    import ray.serve.batching as batching
+    from starlette.requests import Request
+
+    from runtime import io as rio
+    from runtime import serve as rs
+    from runtime.errors import SgexError
+
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
+                        lambda self: None)
+    srv = rs.SgexServer(rs.ServeConfig(artifacts=str(tiny_superres_export), max_batch=1, max_ongoing=2,
+                                       batch_wait_ms=0).__dict__)
+    body = rio.encode_image(np.zeros((16, 16, 3), np.uint8), ".png")
+
+    async def call():
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/superres", "query_string": b"seed=1",
+                 "headers": [(b"content-length", str(len(body)).encode())]}
+        return await srv(Request(scope, receive))
+
+    failures = (RuntimeError("disk on fire"), SgexError("backend lost its session"))
+
+    async def each():  # one event loop: serve.batch binds its queues to the loop of first use
+        out = []
+        for exc in failures:
+            def fail(*args, _exc=exc, **kwargs):
+                raise _exc
+
+            srv.engine.synthesize = fail
+            out.append(await asyncio.wait_for(call(), 120))
+        return out
+
+    with caplog.at_level(logging.ERROR, logger="sgex-serve"):
+        answers = asyncio.run(each())
+    for exc, r in zip(failures, answers):
+        assert r.status_code == 500
+        doc = json.loads(r.body)
+        assert len(doc["id"]) == 32 and "internal error" in doc["error"]
+        logged = [rec for rec in caplog.records if doc["id"] in rec.getMessage()]
+        assert len(logged) == 1 and logged[0].exc_info is not None
+        assert str(exc) in "".join(traceback.format_exception(*logged[0].exc_info))
+    assert srv.stats()["errors_5xx"] == 2 and srv.stats()["errors_4xx"] == 0

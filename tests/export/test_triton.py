@@ -190,3 +190,22 @@ def test_a_failed_write_leaves_nothing(tiny_superres_export, tmp_path):
     with pytest.raises(SgexError, match="sha256"):
         write_repository(art, tmp_path / "repo")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_translate_tasks_have_no_ensemble(tiny_superres_export):
+    """sketch2face/mask2face have one per-bucket translate graph and no style graph: one model per
+    bucket, no ensemble (planned from a manifest; no translate export is made here)."""
+    from export.triton import config_text, plan_models
+    from runtime.manifest import Manifest
+
+    base = Manifest.load(tiny_superres_export).data
+    key = next(k for k in base["graphs"] if "@" in k)
+    side = base["graphs"][key]["bucket"]["side"]
+    entry = {**base["graphs"][key], "graph": "translate", "file": f"{side}/translate.onnx",
+             "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 1, "height", "width"]},
+                        {"name": "z", "dtype": "float32", "shape": ["batch", base["style_dim"]]}]}
+    m = Manifest.from_dict({**base, "task": "sketch2face", "graphs": {f"translate@{side}": entry}})
+    (model,) = plan_models(m)
+    cfg = text_format.Parse(config_text(model), pb.ModelConfig())
+    assert cfg.name == f"sgex_sketch2face_translate_{side}" and cfg.platform == "onnxruntime_onnx"
+    assert [(t.name, list(t.dims)) for t in cfg.input] == [("x", [1, -1, -1]), ("z", [base["style_dim"]])]

@@ -14,6 +14,7 @@ from pathlib import Path
 from runtime._cli import run_main, setup_logging
 from runtime.errors import SgexError
 from runtime.tasks import TASKS, get_task
+from runtime.video import DEFAULT_CRF
 
 log = logging.getLogger("sgex-run")
 
@@ -74,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when the backend finds one, logged)")
     p.add_argument("--edit-scale", type=float, metavar="F",
                    help="edit only: editing_w x F (default +1.0 as video_editing.py; the web UI uses -F)")
+    v = p.add_argument_group("video (PyAV, extra 'video'; without it OpenCV writes mp4v and drops the audio)")
+    v.add_argument("--batch", type=int, default=1, metavar="N",
+                   help="frames per engine call (default 1); decode and encode run in their own threads")
+    v.add_argument("--crf", type=int, metavar="Q",
+                   help=f"encoder quality, lower is better (libx264 0..51, 0 = lossless; default {DEFAULT_CRF})")
+    v.add_argument("--codec", metavar="NAME",
+                   help="FFmpeg video encoder (default: libx264 for mp4/mov/mkv/avi, libvpx-vp9 for webm; logged "
+                        "if the build lacks it); the source's audio is copied as is")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -125,6 +134,8 @@ def _check_task_flags(args, spec) -> None:
         raise SgexError("--width-div applies to --random-weights only")
     if args.width_div < 1:
         raise SgexError(f"--width-div must be >= 1, got {args.width_div}")
+    if args.batch < 1:
+        raise SgexError(f"--batch must be >= 1, got {args.batch}")
 
 
 def _input_kind(path: Path) -> str:
@@ -150,8 +161,10 @@ def run(args) -> int:
         raise SgexError(f"{out}: the output would overwrite the input")
 
     # Every input is read and checked before a model is loaded.
+    if kind != "video" and (args.crf is not None or args.codec is not None or args.batch != 1):
+        raise SgexError("--batch, --crf and --codec apply to a video input only")
     x2 = rio.read_x2(args.x2) if args.x2 else None
-    reader = image = files = None
+    reader = image = files = encoding = None
     if kind == "image":
         image = rio.task_image(rio.read_image(inp), spec, str(inp))
     elif kind == "folder":
@@ -159,10 +172,11 @@ def run(args) -> int:
         for f in files:
             rio.task_image(rio.read_image(f), spec, str(f))
     else:
-        from runtime.video import VideoReader
+        from runtime.video import VideoReader, resolve_encoding
 
         reader = VideoReader(inp)
         rio.task_image(reader.first, spec, f"{inp}: frame 0")
+        encoding = resolve_encoding(out, reader.lib, codec=args.codec, crf=args.crf, source=reader.info)
 
     try:
         engine = _engine(args, source)
@@ -177,12 +191,11 @@ def run(args) -> int:
         elif kind == "folder":
             _run_folder(engine, files, out, prep, opts)
         else:
-            from runtime.video import write_video
+            from runtime.video import run_video
 
-            frames = (prep(f) for f in reader)
-            n = write_video(out, engine.process_video(frames, **opts), reader.info.fps,
-                            total=reader.info.frames)
-            log.info("wrote %s (%d frames at %.3g fps)", out, n, reader.info.fps)
+            n = run_video(reader, out, lambda frames: engine.process_video(frames, batch_size=args.batch, **opts),
+                          encoding=encoding, prep=prep, queue_frames=2 * args.batch)
+            log.info("wrote %s (%d frames at %.3g fps, %s)", out, n, reader.info.fps, encoding.describe())
     finally:
         if reader is not None:
             reader.close()

@@ -502,7 +502,7 @@ class VideoWriter:
         self._mux(self._s.encode())
         if self._audio is not None:
             self._audio.mux_until(self._end)
-            log.info("%s: copied %d audio packets (cut at %.3f s)", self.path, self._audio.copied, self._end)
+            log.debug("%s: copied %d audio packets (cut at %.3f s)", self.path, self._audio.copied, self._end)
         self._c.close()
         self._c = None
 

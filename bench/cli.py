@@ -843,27 +843,9 @@ def make_clip(path: str, res: int, frames: int, seed: int, lib: str) -> dict:
             vw.write(img)
         vw.release()
         return {"frames": frames, "size": [res, res], "fps": E2E_FPS, "video": "mp4v (OpenCV)", "audio": None}
-    import av
+    from runtime.video import write_test_clip
 
-    sr = 44100
-    with av.open(path, "w") as c:
-        vs = c.add_stream("libx264", rate=E2E_FPS, options={"crf": "18"})
-        vs.width, vs.height, vs.pix_fmt = res, res, "yuv420p"
-        a = c.add_stream("aac", rate=sr)
-        a.layout = "mono"
-        for img in images:
-            for p in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(p)
-        for p in vs.encode():
-            c.mux(p)
-        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(sr * frames // E2E_FPS) / sr)).astype(np.float32)
-        for k in range(0, len(tone), 1024):
-            af = av.AudioFrame.from_ndarray(tone[None, k:k + 1024], format="fltp", layout="mono")
-            af.sample_rate, af.pts = sr, k
-            for p in a.encode(af):
-                c.mux(p)
-        for p in a.encode():
-            c.mux(p)
+    write_test_clip(path, images, E2E_FPS, crf=18, tone_s=frames / E2E_FPS)
     return {"frames": frames, "size": [res, res], "fps": E2E_FPS, "video": "h264 crf 18 (PyAV)",
             "audio": "aac 44.1 kHz mono tone"}
 

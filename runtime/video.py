@@ -62,7 +62,7 @@ _COUNTED = (".mp4", ".m4v", ".mov", ".avi")
 
 __all__ = ["LIBS", "DEFAULT_CRF", "FOURCC", "AV_CONTAINERS", "VideoInfo", "Encoding", "resolve_lib",
            "resolve_encoding", "VideoReader", "VideoWriter", "Progress", "write_video", "run_video",
-           "count_frames"]
+           "count_frames", "write_test_clip"]
 
 
 def _cv2():
@@ -541,6 +541,39 @@ class VideoWriter:
             return self._atomic.__exit__(None, None, None)
         self._abort()
         return self._atomic.__exit__(exc_type, exc, tb)
+
+
+def write_test_clip(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: int, *, crf: int = 18,
+                    tone_s: float | None = None) -> int:
+    """A synthetic clip for tests and benchmarks, written with PyAV: `frames` (uint8 RGB, one
+    size, even sides) as H.264 yuv420p at `crf` and `fps`, plus, with `tone_s`, an AAC 440 Hz
+    mono tone of that many seconds on a second stream. Returns the frame count."""
+    av = _av()
+    sr, n = 44100, 0
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("libx264", rate=fps, options={"crf": str(crf)})
+        a = None
+        if tone_s:
+            a = c.add_stream("aac", rate=sr)
+            a.layout = "mono"
+        for img in frames:
+            if n == 0:
+                vs.width, vs.height, vs.pix_fmt = img.shape[1], img.shape[0], "yuv420p"
+            for p in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+            n += 1
+        for p in vs.encode():
+            c.mux(p)
+        if a is not None:
+            tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(sr * tone_s)) / sr)).astype(np.float32)
+            for k in range(0, len(tone), 1024):
+                af = av.AudioFrame.from_ndarray(tone[None, k:k + 1024], format="fltp", layout="mono")
+                af.sample_rate, af.pts = sr, k
+                for p in a.encode(af):
+                    c.mux(p)
+            for p in a.encode():
+                c.mux(p)
+    return n
 
 
 # -- progress -------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from runtime.errors import MissingDependency, SgexError
 from runtime.tasks import get_task
 from runtime import video
 from runtime.video import (Progress, VideoReader, VideoWriter, count_frames, resolve_encoding, run_video,
-                           write_video)
+                           write_test_clip, write_video)
 
 av = pytest.importorskip("av")
 
@@ -79,28 +79,7 @@ def read_index(img):
 def make_clip(path, frames=10, fps=12, size=(64, 48), *, audio_s=None, crf=0, frame=index_frame):
     """An H.264 clip made with PyAV (lossless, crf 0: the index pattern reads back exactly) and,
     with `audio_s`, an AAC 440 Hz tone of that many seconds on a second stream."""
-    c = av.open(str(path), "w")
-    vs = c.add_stream("libx264", rate=fps, options={"crf": str(crf)})
-    vs.width, vs.height, vs.pix_fmt = size[0], size[1], "yuv420p"
-    if audio_s:
-        a = c.add_stream("aac", rate=44100)
-        a.layout = "mono"
-    for i in range(frames):
-        for p in vs.encode(av.VideoFrame.from_ndarray(frame(i, size), format="rgb24")):
-            c.mux(p)
-    for p in vs.encode():
-        c.mux(p)
-    if audio_s:
-        sr = 44100
-        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(sr * audio_s)) / sr)).astype(np.float32)
-        for k in range(0, len(tone), 1024):
-            af = av.AudioFrame.from_ndarray(tone[None, k:k + 1024], format="fltp", layout="mono")
-            af.sample_rate, af.pts = sr, k
-            for p in a.encode(af):
-                c.mux(p)
-        for p in a.encode():
-            c.mux(p)
-    c.close()
+    write_test_clip(path, (frame(i, size) for i in range(frames)), fps, crf=crf, tone_s=audio_s)
     return path
 
 

@@ -27,6 +27,8 @@ examples:
   # PyTorch straight from an official checkpoint, a whole video (style from the first frame)
   sgex-run --task toonify --backend torch --ckpt pretrained_models/styleganex_toonify_pixar.pt \\
            --input clip.mp4 --output clip_pixar.mp4 --device cuda
+  # H.264 at crf 20 with the source's audio copied, 4 frames per engine call (needs the video extra)
+  sgex-run --task toonify --artifacts artifacts/toonify --input clip.mov --output toon.mp4 --batch 4 --crf 20
   # attribute editing with the web-UI sign (the web UI applies -scale): web slider 2 -> --edit-scale -2
   sgex-run --task edit --artifacts artifacts/edit --input face.jpg --output edited.jpg --edit-scale -2
   # sketch / parsing mask (1-channel label PNG, values 0..18) to face; --seed picks z and the noise

@@ -178,6 +178,7 @@ def run(args) -> int:
 
         reader = VideoReader(inp)
         rio.task_image(reader.first, spec, f"{inp}: frame 0")
+        reader.check_complete()
         encoding = resolve_encoding(out, reader.lib, codec=args.codec, crf=args.crf, source=reader.info)
 
     try:

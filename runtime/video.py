@@ -335,6 +335,17 @@ class VideoReader:
         for _, frame in self.timed():
             yield frame
 
+    def check_complete(self) -> None:
+        """Before any work (PyAV): demux the whole file, without decoding, and raise SgexError when
+        it holds fewer video packets than the frames its container declares (damaged or truncated;
+        decoding checks the same again, frame by frame). Reads the file once more; OpenCV: no-op."""
+        if self.lib != "av" or not self.info.frames:
+            return
+        n = count_frames(self.path, "av")
+        if n < self.info.frames:
+            raise SgexError(f"{self.path}: holds {n} of the {self.info.frames} frames the container declares "
+                            f"(damaged or truncated video); nothing is written")
+
     def close(self) -> None:
         self._gen.close()
         self._src.close()

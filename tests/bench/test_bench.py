@@ -182,6 +182,8 @@ def test_video_mode_end_to_end_on_both_libraries(tmp_path, capsys):
     assert set(e2e["backends"]) == {"torch"}  # the baseline has no Engine path
     lat = run["backends"]["torch"]["latency"]["p50_ms"]
     assert entry["model_fps"] == pytest.approx(3 * 2 * 1e3 / lat)
+    eo = entry["engine_only"]
+    assert len(eo["raw_ms"]) == 1 and eo["fps"] == pytest.approx(3e3 / eo["latency"]["p50_ms"])
     for lib, encoder in (("opencv", "mp4v"), ("av", "libx264")):
         r = entry[lib]
         assert encoder in r["encoder"] and r["frames"] == 3
@@ -189,7 +191,7 @@ def test_video_mode_end_to_end_on_both_libraries(tmp_path, capsys):
             assert len(r["raw_ms"][mode]) == 1 and r[mode]["p50_ms"] == r["raw_ms"][mode][0] > 0
             assert r[f"{mode}_fps"] == pytest.approx(3e3 / r[mode]["p50_ms"])
         assert r["pipelined_speedup"] == pytest.approx(r["serial"]["p50_ms"] / r["pipelined"]["p50_ms"])
-    assert "end to end (decode + model + encode" in out and "pipelined fps" in out
+    assert "end to end (decode + model + encode" in out and "pipelined fps" in out and "engine-only fps" in out
     assert not list(tmp_path.glob("*.mp4"))  # the clips live in a temp dir that is removed
 
     rc, _, err = _run(["--task", "toonify", "--res", "32", "--mode", "video", "--frames", "1", "--backends", "torch",

@@ -220,7 +220,7 @@ class _AvSource:
             for packet in self._c.demux(self.stream):
                 for f in packet.decode():
                     img = f.to_ndarray(format="rgb24")
-                    rotation = _frame_rotation(f)
+                    rotation = int(f.rotation or 0)  # degrees counter-clockwise, as np.rot90's k * 90
                     k = round(rotation / 90) % 4
                     if n == 0 and k:
                         self.rotation = rotation
@@ -235,12 +235,6 @@ class _AvSource:
 
     def close(self) -> None:
         self._c.close()
-
-
-def _frame_rotation(frame) -> int:
-    """Degrees counter-clockwise the frame's display matrix turns it (PyAV's VideoFrame.rotation;
-    np.rot90 with k = degrees / 90 applies it)."""
-    return int(frame.rotation or 0)
 
 
 class _CvSource:

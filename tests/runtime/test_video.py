@@ -23,7 +23,6 @@ from runtime.buckets import Bucket
 from runtime.engine import Engine, _default_inputs
 from runtime.errors import MissingDependency, SgexError
 from runtime.tasks import get_task
-from runtime import video
 from runtime.video import (Progress, VideoReader, VideoWriter, count_frames, resolve_encoding, run_video,
                            write_test_clip, write_video)
 
@@ -418,13 +417,31 @@ def test_reader_info_and_frames(tmp_path):
         assert abs(int(frames[3].mean()) - 120) <= 3  # decoded levels survive mp4v
 
 
-def test_rotation_metadata_is_applied(tmp_path, monkeypatch):
-    """A frame whose display matrix turns it 90 degrees counter-clockwise comes out turned."""
-    src = make_clip(tmp_path / "in.mp4", frames=2, size=(64, 48))
-    monkeypatch.setattr(video, "_frame_rotation", lambda frame: 90)
+def test_rotation_metadata_is_applied_as_opencv_does(tmp_path):
+    """A clip whose display matrix turns it 90 degrees counter-clockwise (written with PyAV's
+    set_display_rotation) decodes turned, on PyAV as on OpenCV (CAP_PROP_ORIENTATION_AUTO)."""
+    src = tmp_path / "rot.mp4"
+    c = av.open(str(src), "w")
+    s = c.add_stream("libx264", rate=10, options={"crf": "0"})
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    s.set_display_rotation(90)
+    for i in range(2):
+        for p in s.encode(av.VideoFrame.from_ndarray(index_frame(i), format="rgb24")):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
     r = VideoReader(src)
     assert r.info.rotation == 90 and (r.info.width, r.info.height) == (48, 64)
-    assert np.array_equal(r.first, np.rot90(index_frame(0), 1))
+    frames = list(r)
+    assert np.array_equal(frames[1], np.rot90(index_frame(1), 1))
+    cv = list(VideoReader(src, lib="opencv"))
+    assert cv[1].shape == (64, 48, 3) and np.abs(cv[1].astype(int) - frames[1]).max() <= 8
+    out = tmp_path / "out.mp4"
+    run_video(VideoReader(src), out, process(), progress=False)
+    with av.open(str(out)) as o:
+        f = next(o.decode(video=0))
+        assert (f.width, f.height) == (192, 256) and not f.rotation  # upright, no rotation left
 
 
 @pytest.mark.parametrize("case", ["zero_frames", "empty", "junk", "missing"])

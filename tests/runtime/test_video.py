@@ -299,7 +299,7 @@ def test_damaged_video_through_sgex_run_exits_2_with_one_line(tmp_path, capsys):
 
     src = damaged_avi(tmp_path / "bad.avi")
     out = tmp_path / "out.mp4"
-    rc = main(["--task", "toonify", "--backend", "torch", "--random-weights", "--width-div", "4",
+    rc = main(["--task", "toonify", "--backend", "torch", "--random-weights", "--width-div", "4", "--no-align",
                "--input", str(src), "--output", str(out)])
     err = capsys.readouterr().err
     assert rc == 2, err

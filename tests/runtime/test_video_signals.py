@@ -36,7 +36,7 @@ def test_signal_mid_video_leaves_nothing_and_keeps_the_old_output(tmp_path, tiny
     out.write_bytes(b"previous result")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     p = subprocess.Popen([sys.executable, "-m", "runtime.cli", "--task", "toonify", "--backend", "torch",
-                          "--ckpt", tiny_ckpt("toonify"), "--batch", "2", "--input", str(src),
+                          "--ckpt", tiny_ckpt("toonify"), "--no-align", "--batch", "2", "--input", str(src),
                           "--output", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:

@@ -13,8 +13,11 @@ HTTP (one task per application, the task of --artifacts):
     GET  /v1/models     the manifest's task, variant, buckets, precision, backend, versions, random flag
     GET  /healthz       {"status": "ok", ...} with this replica's request and engine-call counters
 
-Options: seed (int >= 0; noise and z), scale (superres: the variant's scales), edit_scale (edit).
-Unknown options are refused, so a typo is a 400, not a silently ignored setting.
+Options: seed (int >= 0; noise and z), scale (superres: the variant's scales), edit_scale (edit);
+align=true runs the face pipeline (runtime.pipeline, as Engine.process_photo) with its options
+faces (best | all | N), paste_back, landmarks (JSON: per face 5 or 68 [x, y] points) and padding
+(crop half-sizes l,r,t,b); without align the image is x1 as is (sgex-run --no-align). Unknown
+options are refused, so a typo is a 400, not a silently ignored setting.
 
 Batching: one `@serve.batch` queue per group key, so one batch is one Engine call. The key of a
 synth/translate request is (graph, x1 height, x1 width, edit_scale): only inputs of exactly the
@@ -63,7 +66,8 @@ log = logging.getLogger("sgex-serve")
 PROG = "sgex-serve"
 APP_NAME = "sgex"
 DEPLOYMENT_NAME = "SgexServer"
-OPTIONS = ("seed", "scale", "edit_scale")
+OPTIONS = ("seed", "scale", "edit_scale", "align", "faces", "paste_back", "landmarks", "padding")
+FACE_OPTIONS = ("faces", "paste_back", "landmarks", "padding")
 JSON_IMAGE_FIELDS = ("image", "x2")
 MAX_SEED = 2**63 - 1
 MEDIA = {"png": ("image/png", ".png"), "jpeg": ("image/jpeg", ".jpg")}
@@ -222,10 +226,58 @@ def _int_option(name: str, value, lo: int, hi: int) -> int:
     return v
 
 
+def _bool_option(name: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
+        return value.lower() in ("1", "true", "yes")
+    raise HttpError(400, f"{name}: expected true or false, got {value!r}")
+
+
+def _face_options(raw: dict, spec) -> dict | None:
+    """The face pipeline's options (runtime.pipeline.FaceOptions fields) when align is on, else
+    None; face options without align are refused (as sgex-run refuses them with --no-align)."""
+    align = _bool_option("align", raw.get("align", False))
+    given = [k for k in FACE_OPTIONS if k in raw]
+    if not align:
+        if given:
+            raise HttpError(400, f"{given[0]}: needs the face pipeline (align=true)")
+        return None
+    from runtime.recipes import get_recipe
+
+    if not get_recipe(spec.name).face_crop:
+        raise HttpError(400, f"align: task {spec.name} takes its {spec.input_kind} as is (no face crop)")
+    out: dict = {"paste_back": _bool_option("paste_back", raw.get("paste_back", False))}
+    faces = raw.get("faces", "best")
+    if isinstance(faces, str) and faces.isdigit():
+        faces = int(faces)
+    if not (faces in ("best", "all") or (isinstance(faces, int) and not isinstance(faces, bool) and faces >= 1)):
+        raise HttpError(400, f"faces: best, all or a count >= 1, got {faces!r}")
+    out["faces"] = faces
+    if "padding" in raw:
+        pad = raw["padding"]
+        parts = pad.split(",") if isinstance(pad, str) else pad
+        if not isinstance(parts, (list, tuple)) or len(parts) != 4:
+            raise HttpError(400, f"padding: four crop half-sizes (left, right, top, bottom), got {pad!r}")
+        out["padding"] = tuple(_int_option("padding", v, 8, 4096) for v in parts)
+    if "landmarks" in raw:
+        try:
+            pts = tuple(np.asarray(face, dtype=np.float64) for face in raw["landmarks"])
+        except (TypeError, ValueError):
+            raise HttpError(400, "landmarks: a list of faces, each a list of [x, y] points") from None
+        if not pts or any(p.ndim != 2 or p.shape[1] != 2 or p.shape[0] not in (5, 68) or
+                          not np.isfinite(p).all() for p in pts):
+            raise HttpError(400, "landmarks: every face needs 5 or 68 finite [x, y] points")
+        out["landmarks"] = pts
+    return out
+
+
 def parse_options(raw: dict, spec, variant: str) -> dict:
-    """Raw options (query strings or JSON values) -> {"seed", "scale", "edit_scale"}, checked
-    against the task: scale for superres only (the variant's scales; default its smallest, as
-    sgex-run), edit_scale for edit only (a finite float; default +1.0). HttpError 400 otherwise."""
+    """Raw options (query strings or JSON values) -> {"seed", "scale", "edit_scale", "faces"},
+    checked against the task: scale for superres only (the variant's scales; default its
+    smallest, as sgex-run), edit_scale for edit only (a finite float; default +1.0), faces: the
+    face pipeline's options with align=true (faces, paste_back, landmarks (JSON only), padding),
+    else None. HttpError 400 otherwise."""
     unknown = sorted(set(raw) - set(OPTIONS))
     if unknown:
         raise HttpError(400, f"unknown option {unknown[0]!r} (options: {', '.join(OPTIONS)})")
@@ -250,7 +302,7 @@ def parse_options(raw: dict, spec, variant: str) -> dict:
             edit_scale = math.nan
         if not math.isfinite(edit_scale):
             raise HttpError(400, f"edit_scale: expected a finite number, got {v!r}")
-    return {"seed": seed, "scale": scale, "edit_scale": edit_scale}
+    return {"seed": seed, "scale": scale, "edit_scale": edit_scale, "faces": _face_options(raw, spec)}
 
 
 def response_format(accept: str) -> str:
@@ -314,6 +366,7 @@ class _Done:
     batch_size: int
     queue_ms: float
     engine_ms: float
+    faces: int = 1
 
 
 class _Slot:
@@ -435,23 +488,26 @@ class SgexServer:
                                         dict(request.query_params))
         opts = parse_options(raw, self.spec, self.engine.variant)
         image = rio.task_image(self._decode(data, "image"), self.spec, "image")
-        x1 = rio.resize_for_scale(image, opts["scale"]) if opts["scale"] else image
-        self._check_fits(x1.shape[0], x1.shape[1])
-        headers = {}
-        wplus = None
-        if self.engine.bucket_graph == "synth":
-            x2 = rio.check_x2(self._decode(x2_data, "x2"), "x2")[0] if x2_data is not None \
-                else rio.centre_square_x2(x1)
-            wplus, cached = await self._style_code(x2)
-            headers["x-sgex-style-cache"] = "hit" if cached else "miss"
-        else:
-            if x2_data is not None:
+        x2 = None
+        if x2_data is not None:
+            if self.engine.bucket_graph != "synth":
                 raise HttpError(400, f"x2: task {self.engine.task} takes no aligned face")
-            headers["x-sgex-style-cache"] = "none"
-        key = (self.engine.bucket_graph, x1.shape[0], x1.shape[1], opts["edit_scale"])
-        done = await self._submit(key, _Item(x1, wplus, opts["seed"]))
+            x2 = rio.check_x2(self._decode(x2_data, "x2"), "x2")[0]
+        headers = {}
+        if opts["faces"] is not None:
+            y, done, x1, cached = await self._photo(image, x2, opts)
+            headers["x-sgex-faces"] = str(done.faces)
+        else:
+            x1 = rio.resize_for_scale(image, opts["scale"]) if opts["scale"] else image
+            self._check_fits(x1.shape[0], x1.shape[1])
+            wplus, cached = None, None
+            if self.engine.bucket_graph == "synth":
+                wplus, cached = await self._style_code(rio.centre_square_x2(x1) if x2 is None else x2)
+            done = await self._submit(self._key(x1, opts), _Item(x1, wplus, opts["seed"]))
+            y = done.y
+        headers["x-sgex-style-cache"] = "none" if cached is None else ("hit" if cached else "miss")
         media, ext = MEDIA[fmt]
-        out = rio.encode_image(done.y, ext, "output")
+        out = rio.encode_image(y, ext, "output")
         graph_key, _ = self.engine.route(x1.shape[0], x1.shape[1])
         headers.update({
             "x-sgex-bucket": graph_key.split("@", 1)[-1],
@@ -463,6 +519,33 @@ class SgexServer:
             "x-sgex-total-ms": f"{(time.perf_counter() - t0) * 1000:.2f}",
         })
         return out, headers, media
+
+    async def _photo(self, image: np.ndarray, x2, opts) -> tuple:
+        """The face pipeline (runtime.pipeline, as Engine.process_photo): detect, crop and align in
+        the engine thread, then every face through the shared style cache and the size-keyed
+        batches (faces of other requests with the same crop size share a batch), then paste-back.
+        Returns (output, the first face's _Done with .faces set, its x1, style cached?)."""
+        from runtime import pipeline
+
+        fo = pipeline.FaceOptions(x2=x2, **opts["faces"])
+        loop = asyncio.get_running_loop()
+        frame, jobs = await loop.run_in_executor(
+            self._pool, lambda: pipeline.prepare(image, self.engine.task, fo, what="image", scale=opts["scale"]))
+        for j in jobs:
+            self._check_fits(j.x1.shape[0], j.x1.shape[1])
+        styles = await asyncio.gather(*(self._style_code(j.x2) for j in jobs))
+        dones = await asyncio.gather(*(self._submit(self._key(j.x1, opts), _Item(j.x1, w, opts["seed"]))
+                                       for j, (w, _) in zip(jobs, styles)))
+        ys = [d.y for d in dones]
+        y = ys[0]
+        if fo.paste_back:
+            y = await loop.run_in_executor(self._pool, pipeline.compose, frame, [j.params for j in jobs], ys)
+        dones[0].faces = len(jobs)
+        return y, dones[0], jobs[0].x1, all(c for _, c in styles)
+
+    def _key(self, x1: np.ndarray, opts) -> tuple:
+        """The batch group of one model input: same graph, same x1 size, same edit scale."""
+        return self.engine.bucket_graph, x1.shape[0], x1.shape[1], opts["edit_scale"]
 
     # -- batching ------------------------------------------------------------------------------
     async def _submit(self, key, item: _Item) -> _Done:

@@ -256,6 +256,30 @@ def test_concurrent_requests_are_batched_by_size(server, engine):
     assert calls == len(batches) < len(work), f"{calls} engine calls for {requests} requests: not batched"
 
 
+def test_face_pipeline_options_pass_through(server, engine, astronaut):
+    """align=true: the face pipeline (detect, crop, align; paste-back) as Engine.process_photo,
+    byte for byte. The crop is made small (padding) so the tiny export's bucket holds it."""
+    pytest.importorskip("dlib")
+    from runtime.pipeline import FaceOptions
+
+    client, _, _ = server
+    side = max(b.side for b in engine.buckets)
+    pad = (side // 2,) * 4
+    query = f"padding={','.join(map(str, pad))}"
+    scale = engine.spec.variant(engine.variant).scales[0]  # the server's default, as sgex-run's
+    for paste in (False, True):
+        status, headers, body = client.request(
+            "POST", f"/v1/superres?seed=5&align=true&paste_back={str(paste).lower()}&{query}", _png(astronaut))
+        assert status == 200, body[:300]
+        want = engine.process_photo(astronaut, FaceOptions(padding=pad, paste_back=paste), seed=5, scale=scale).image
+        assert body == _png(want)
+        assert headers["x-sgex-faces"] == "1"
+    status, _, body = client.request("POST", "/v1/superres?align=true", _png(_image(3, (64, 64))))
+    assert status == 400 and "face" in json.loads(body)["error"]
+    status, _, body = client.request("POST", "/v1/superres?paste_back=true", _png(astronaut))
+    assert status == 400 and "align=true" in json.loads(body)["error"]
+
+
 def test_bad_inputs(server, engine):
     client, _, _ = server
     (hw,) = _sizes(engine, 1)

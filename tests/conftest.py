@@ -33,12 +33,14 @@ def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_trt = pytest.mark.skip(reason="needs TensorRT (pip install 'sgex[trt]' on a machine with an NVIDIA GPU)")
     has_cuda = has_trt = None
+    # Marks, not item.keywords: keywords also hold every parent directory's name, so a checkout in
+    # a folder named "gpu" or "trt" would skip its whole suite.
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             has_cuda = _has_cuda() if has_cuda is None else has_cuda
             if not has_cuda:
                 item.add_marker(skip_gpu)
-        if "trt" in item.keywords:
+        if item.get_closest_marker("trt") is not None:
             has_trt = _has_tensorrt() if has_trt is None else has_trt
             if not has_trt:
                 item.add_marker(skip_trt)

@@ -114,3 +114,22 @@ def test_console_script_help_without_heavy_libraries(script):
     r = _python(code)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "usage:" in r.stdout and "--help" in r.stdout, r.stdout[:500]
+
+
+@pytest.mark.parametrize("module", ["bench.gpu.kernel_bench", "bench.gpu.profile", "bench.gpu.report"])
+def test_gpu_script_helpers_help_without_heavy_libraries(module):
+    # bench/gpu/run.sh's helpers are `python3 -m` tools: their --help works on the base install too.
+    code = textwrap.dedent(f"""
+        import sys
+        from {module} import main
+        try:
+            rc = main(["--help"])
+        except SystemExit as e:
+            rc = e.code
+        leaked = sorted(n for n in sys.modules if n.split(".")[0] in HEAVY)
+        assert rc in (0, None), rc
+        assert not leaked, leaked
+    """)
+    r = _python(code)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "usage:" in r.stdout and "example" in r.stdout, r.stdout[:500]

@@ -16,13 +16,12 @@ from runtime.tasks import N_LATENT, noise_shapes  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tiny_model():
+    import copy
+
     from export.checkpoint import build_model, load_or_random
 
-    def make(task="superres"):
-        ck = load_or_random(task, None, True, seed=0, width_div=4)
-        return build_model(ck, task).eval()
-
-    return make
+    base = build_model(load_or_random("superres", None, True, seed=0, width_div=4), "superres").eval()
+    return lambda: copy.deepcopy(base)
 
 
 def test_default_islands_are_the_plan_scopes_and_vectors(tiny_model):

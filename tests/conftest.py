@@ -33,16 +33,16 @@ def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_trt = pytest.mark.skip(reason="needs TensorRT (pip install 'sgex[trt]' on a machine with an NVIDIA GPU)")
     has_cuda = has_trt = None
-    # Marks, not item.keywords: keywords also hold every parent directory's name, so a checkout in
-    # a folder named "gpu" or "trt" would skip its whole suite.
     for item in items:
-        if item.get_closest_marker("gpu") is not None:
+        # Markers, not item.keywords: keywords also hold every parent node's name (a checkout
+        # in a directory named "trt" would mark every test).
+        if item.get_closest_marker("gpu"):
             has_cuda = _has_cuda() if has_cuda is None else has_cuda
             # SGEX_GPU_SMOKE=1 (bench/gpu/run.sh --cpu-smoke): GPU tests that support it run on CPU
             # at tiny sizes under the Triton interpreter; the others skip themselves.
             if not has_cuda and os.environ.get("SGEX_GPU_SMOKE") != "1":
                 item.add_marker(skip_gpu)
-        if item.get_closest_marker("trt") is not None:
+        if item.get_closest_marker("trt"):
             has_trt = _has_tensorrt() if has_trt is None else has_trt
             if not has_trt:
                 item.add_marker(skip_trt)

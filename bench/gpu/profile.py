@@ -263,8 +263,9 @@ def profile(task: str, output: int, batch: int, device: str, iters: int = 5, war
         wall_ms = (time.perf_counter() - t0) * 1e3 / iters
     undo()
     avgs = prof.key_averages()
-    if cuda:
-        total_us = sum(float(getattr(a, "self_device_time_total", 0.0) or 0.0) for a in avgs)
+    if cuda:  # the device-side (kernel) events, as torch.profiler's own table totals them
+        total_us = sum(float(getattr(a, "self_device_time_total", 0.0) or 0.0) for a in avgs
+                       if "CPU" not in str(getattr(a, "device_type", "CPU")))
     else:  # CPU: the calls' wall time (annotations nest, so summing CPU times would double count)
         total_us = wall_ms * 1e3 * iters
     elem = 2 if cuda else 4

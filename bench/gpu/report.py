@@ -164,8 +164,8 @@ def write_report(outdir: Path, smoke: bool, res_means: str) -> str:
               "Triton kernel interpreted. It proves the script runs; **no number below is a measurement** of "
               "anything but this smoke run.", ""]
     L += ["Written by `bench/gpu/report.py` from what `bash bench/gpu/run.sh` left in this folder. Random "
-          "full-size weights (`--random-weights`): outputs are noise, timings are those of the real network "
-          "sizes; accuracy is against the FP32 baseline on the same inputs.", "",
+          "weights (`--random-weights`, full width except in the smoke run): outputs are noise, timings are "
+          "those of the real network sizes; accuracy is against the FP32 baseline on the same inputs.", "",
           "## Machine", "", "```", json.dumps(env, indent=1), "```", "",
           "## Steps", "", *steps, "",
           "## Goals (reported, not asserted)", "", *goals(flat, kern_summary, smoke), "",

@@ -58,7 +58,7 @@ fi
 if [ $SMOKE = 1 ]; then
   export TRITON_INTERPRET=1 SGEX_GPU_SMOKE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
   DEVICE=cpu; OUTS="128"; BATCHES="1"; TINY=(--width-div 4); BUDGET=0
-  BENCH_ITERS=(--iters 1 --warmup 0); FRAMES=2
+  BENCH_ITERS=(--iters 1 --warmup 0); VIDEO_ITERS=(); FRAMES=2
   TESTS=(-m gpu tests/bench/test_gpu_path.py)
   KERNEL=(--device cpu --width-div 4 --outputs 32 --batch 1 --iters 1 --warmup 0 --max-channels 16)
   PROFILE=(--device cpu --width-div 4 --output 128 --iters 1 --warmup 0)
@@ -69,7 +69,7 @@ if [ $SMOKE = 1 ]; then
 else
   unset TRITON_INTERPRET SGEX_GPU_SMOKE
   DEVICE=cuda; OUTS="1024 2048"; BATCHES="1 4"; TINY=(); BUDGET=${SGEX_GPU_BUDGET_S:-480}
-  BENCH_ITERS=(--iters 10 --warmup 2); FRAMES=8
+  BENCH_ITERS=(--iters 10 --warmup 2); VIDEO_ITERS=(--iters 4); FRAMES=8  # video: 4 clips of 8 frames
   # only the files that hold GPU tests: a module of another extra (dlib, ray, av...) that fails to
   # import there must not stop the GPU tests from running
   mapfile -t GPU_FILES < <(grep -rlE "mark\.gpu" tests --include='test_*.py' | sort)
@@ -150,9 +150,11 @@ echo "environment: $(tr -d '\n' <"$OUTDIR/environment.json" | cut -c1-400)"
 
 bench_case() {  # bench_case NAME TASK MODE BATCH [extra sgex-bench args...]
   local name=$1 task=$2 mode=$3 b=$4; shift 4
+  local extra=()
+  [ "$mode" = video ] && extra=("${VIDEO_ITERS[@]}")
   step "c-$name" "${E2E_LIMIT:-90}" "$PY" -m bench.cli --task "$task" --res $RES_LIST --mode "$mode" \
     --batch "$b" --frames "$FRAMES" --backends "$TORCH_BACKENDS" --device "$DEVICE" --random-weights \
-    "${TINY[@]}" "${BENCH_ITERS[@]}" --no-end-to-end --json "$OUTDIR/$name.json" --plot "$OUTDIR/$name.png" "$@"
+    "${TINY[@]}" "${BENCH_ITERS[@]}" "${extra[@]}" --no-end-to-end --json "$OUTDIR/$name.json" --plot "$OUTDIR/$name.png" "$@"
 }
 
 step b-kernel 90 "$PY" -m bench.gpu.kernel_bench "${KERNEL[@]}" --out "$OUTDIR/kernel.json"

@@ -95,9 +95,10 @@ class Engine:
     ({file, sha256, random, seed} of the weights), editing_w (edit: float32 [1, 18, D], unscaled)."""
 
     def __init__(self, artifacts_dir, backend: str = "auto", device: str | None = None, *,
-                 task: str | None = None):
+                 task: str | None = None, intra_op_threads: int | None = None):
         """Load and verify <artifacts_dir>/manifest.json (every file's sha256; with `task`, the
-        manifest's task must match) and open `backend` ("auto" | "ort" | "trt")."""
+        manifest's task must match) and open `backend` ("auto" | "ort" | "trt"); intra_op_threads
+        sizes ONNX Runtime's CPU thread pool (None: its default)."""
         from runtime import backends
 
         d = _task_dir(artifacts_dir, task)
@@ -121,7 +122,7 @@ class Engine:
                 break
         if inputs is None:
             raise SgexError(f"{d}: the manifest has no {graph!r} graph for any bucket")
-        be = backends.create(backend, d, manifest, device)
+        be = backends.create(backend, d, manifest, device, intra_op_threads=intra_op_threads)
         self._setup(spec, manifest.variant, manifest.style_dim, be, manifest=manifest,
                     buckets=manifest.buckets(), inputs=inputs, editing_w=editing_w, artifacts_dir=d)
 

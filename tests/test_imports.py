@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("kernels", "export", "runtime", "calib", "bench")
 HEAVY = ("torch", "onnx", "onnxruntime", "onnxscript", "onnxruntime_extensions", "triton", "tensorrt",
-         "polygraphy", "dlib", "scipy", "PIL", "skimage", "av")
+         "polygraphy", "dlib", "scipy", "PIL", "skimage", "av", "ray", "tritonclient")
 
 BLOCKER = textwrap.dedent(f"""
     import importlib.abc, sys
@@ -72,7 +72,7 @@ def test_every_module_imports(module):
 
 def test_runtime_imports_without_heavy_libraries():
     mods = _modules("runtime")
-    assert {"runtime.engine", "runtime.cli", "runtime.faces", "runtime.recipes"} <= set(mods)
+    assert {"runtime.engine", "runtime.cli", "runtime.faces", "runtime.recipes", "runtime.serve"} <= set(mods)
     code = textwrap.dedent(f"""
         import importlib, sys
         for m in {mods!r}:
@@ -111,7 +111,8 @@ def _help_without_heavy(module: str, func: str) -> str:
     return r.stdout
 
 
-@pytest.mark.parametrize("script", ["sgex-run", "sgex-export", "sgex-bench", "sgex-calib"])
+@pytest.mark.parametrize("script", ["sgex-run", "sgex-export", "sgex-bench", "sgex-calib", "sgex-serve",
+                                    "sgex-triton"])
 def test_console_script_help_without_heavy_libraries(script):
     scripts = _console_scripts()
     assert script in scripts, f"{script} is not declared in pyproject.toml"

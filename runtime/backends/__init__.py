@@ -54,11 +54,18 @@ def resolve(name: str, manifest) -> str:
     return "trt"
 
 
-def create(name: str, artifacts_dir, manifest, device: str | None = None) -> Backend:
-    """Instantiate artifact backend `name` ("auto" | "ort" | "trt") for a verified task directory."""
+def create(name: str, artifacts_dir, manifest, device: str | None = None, *,
+           intra_op_threads: int | None = None) -> Backend:
+    """Instantiate artifact backend `name` ("auto" | "ort" | "trt") for a verified task directory.
+    intra_op_threads sizes ONNX Runtime's CPU pool; TensorRT runs on the GPU and has no such pool."""
     name = resolve(name, manifest)
     if name == "trt" and not manifest.engines:
         raise SgexError(f"{artifacts_dir}: the manifest lists no TensorRT engines "
                         f"(build them with sgex-export, or use --backend ort)")
     module, cls = ARTIFACT_BACKENDS[name]
-    return getattr(importlib.import_module(module), cls)(artifacts_dir, manifest, device)
+    kwargs = {}
+    if name == "ort":
+        kwargs["intra_op_threads"] = intra_op_threads
+    elif intra_op_threads is not None:
+        log.info("%s backend: intra-op threads %d do not apply (it runs on the GPU)", name, intra_op_threads)
+    return getattr(importlib.import_module(module), cls)(artifacts_dir, manifest, device, **kwargs)

@@ -6,7 +6,13 @@ Backends (each only if available; one named explicitly that is not available is 
                   the style code is recomputed for every image and every video frame, the x1
                   encoder pass computes its 18 unused style heads, modulated convs are grouped.
   torch           sgex's PyTorch path: `style` once per image (once per clip in video mode), then
-                  `synth` (or `translate`); unused style heads skipped. FP16 on CUDA, FP32 on CPU.
+                  `synth` (or `translate`); unused style heads skipped. FP16 on CUDA with the
+                  precision plan's FP32 islands (--plan; default plan otherwise) and the fused
+                  Triton op for every stride-1 modulated conv; FP32 on CPU.
+  torch-cudagraph the torch path with every (graph, bucket, batch, size) captured once as a CUDA
+                  graph and replayed (CUDA only; named explicitly, never chosen by default).
+  torch-compile   the torch path through torch.compile(--compile-mode, dynamic=False) (named
+                  explicitly, never chosen by default: compiling takes minutes).
   ort             the exported ONNX graphs through `runtime.Engine(backend="ort")`; exported to a
                   temporary directory with `export.onnx.export_task` when --artifacts is not given.
   trt             the TensorRT engines of --artifacts through `runtime.Engine(backend="trt")`.
@@ -68,7 +74,10 @@ log = logging.getLogger(__name__)
 FORMAT = "sgex-bench"
 VERSION = 1
 BASELINE = "torch-official"
-BACKENDS = ("torch-official", "torch", "ort", "trt")
+BACKENDS = ("torch-official", "torch", "ort", "trt", "torch-cudagraph", "torch-compile")
+# Variants of the torch path: run only when named (capture and compile cost minutes, CUDA graphs
+# need a GPU), so "every available backend" stays what it was.
+TORCH_VARIANTS = {"torch-cudagraph": {"cuda_graphs": True}, "torch-compile": {"compile": True}}
 MODES = ("image", "video")
 PSNR_PEAK = 2.0  # nominal output range [-1, 1]
 DISAGREE = 1e-2  # relative max |diff| above which a backend is logged as disagreeing (FP16 ~1e-3)
@@ -95,6 +104,8 @@ class BenchConfig:
     seed: int = 0
     width_div: int = 1  # channel divisor of random weights (tests use 4)
     command: str | None = None  # the command line, recorded in the JSON
+    plan: str | None = None  # precision plan JSON of the CUDA FP16 torch path (None: default plan)
+    compile_mode: str = "default"  # torch.compile mode of torch-compile
     faces_photo: str | None = None  # time the face stages (runtime.faces) per frame on this photo
     end_to_end: bool = True  # video mode: also time decode + model + encode (runtime.video), serial and pipelined
 
@@ -123,6 +134,14 @@ class BenchConfig:
                 raise SgexError(f"unknown backend {unknown[0]!r} (choose from: {', '.join(BACKENDS)})")
             if not self.backends:
                 raise SgexError("--backends is empty")
+        from runtime.backends.torch_gpu import COMPILE_MODES
+
+        if self.compile_mode not in COMPILE_MODES:
+            raise SgexError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        if self.plan is not None:
+            from export.fp16 import load_plan
+
+            load_plan(self.plan, self.task)
 
 
 # -- availability -------------------------------------------------------------------------------
@@ -143,8 +162,10 @@ def backend_unavailable(name: str, device: str, artifacts: str | None, task: str
     """Why backend `name` cannot run here (one line with the install hint), or None."""
     if not _has("torch"):  # every backend needs the checkpoint loaded by PyTorch (inputs, baseline)
         return str(MissingDependency("PyTorch", "torch"))
-    if name in ("torch-official", "torch"):
+    if name in ("torch-official", "torch", "torch-compile"):
         return None
+    if name == "torch-cudagraph":
+        return None if device == "cuda" else "CUDA graphs need --device cuda"
     if name == "ort":
         if not _has("onnxruntime"):
             return str(MissingDependency("onnxruntime", "onnx"))
@@ -182,7 +203,7 @@ def resolve_backends(cfg: BenchConfig) -> list[str]:
         chosen = list(dict.fromkeys(cfg.backends))
     else:
         chosen, skipped = [], []
-        for b in BACKENDS:
+        for b in (b for b in BACKENDS if b not in TORCH_VARIANTS):
             why = backend_unavailable(b, cfg.device, cfg.artifacts, cfg.task)
             if why:
                 skipped.append(f"{b}: {why}")
@@ -259,31 +280,42 @@ def make_inputs(task_name: str, res: int, batch: int, n_frames: int, seed: int, 
 # -- runners: one per backend; style() -> handle, frame(t, handle) -> output --------------------
 
 class _TorchRunner:
-    """torch-official (forward_official, FP32) or torch (style once + synth/translate)."""
+    """torch-official (forward_official, FP32) or an sgex torch path (style once + synth/translate
+    through runtime.backends.torch_gpu.TorchPath: torch, torch-cudagraph, torch-compile)."""
 
-    def __init__(self, name: str, model, inputs: BenchInputs, task, device: str, dtype):
+    def __init__(self, name: str, model, inputs: BenchInputs, task, device: str, dtype, path=None,
+                 res: int | None = None):
         import torch
 
         self.name, self.model, self.task, self.device, self.dtype = name, model, task, device, dtype
-        self.precision = {torch.float32: "fp32", torch.float16: "fp16"}[dtype]
+        self.path, self.res = path, res
+        self.precision = path.precision if path is not None else {torch.float32: "fp32",
+                                                                  torch.float16: "fp16"}[dtype]
         self.timer = "cuda-events" if device == "cuda" else "perf_counter"  # (meta: FLOP counting only)
         self.stages = ("forward",) if name == BASELINE or "style" not in task.graphs else ("style", "synth")
 
-        def t(a):
-            return None if a is None else torch.from_numpy(a).to(device=device, dtype=dtype)
+        def t(a, key):
+            if a is None:
+                return None
+            return torch.from_numpy(a).to(device=device, dtype=path.input_dtype(key) if path else dtype)
 
-        self.frames = [t(f) for f in inputs.frames]
-        self.x2, self.z, self.editing_w = t(inputs.x2), t(inputs.z), t(inputs.editing_w)
-        self.noises = None if inputs.noises is None else [t(n) for n in inputs.noises]
+        self.frames = [t(f, "x1") for f in inputs.frames]
+        self.x2, self.z, self.editing_w = t(inputs.x2, "x2"), t(inputs.z, "z"), t(inputs.editing_w, "editing_w")
+        self.noises = None if inputs.noises is None else [t(n, "noise") for n in inputs.noises]
         impl = getattr(model, "modconv_impl", None)
-        self.detail = (f"torch {torch.__version__} {device} {self.precision} eager"
-                       + ("" if name == BASELINE else f", modconv impl {impl}"))
+        how = "eager" if path is None else path.describe()
+        self.detail = f"torch {torch.__version__} {device} {self.precision} {how}"
         self.settings = {"threads": torch.get_num_threads(), "modconv_impl": "official (grouped)"
                          if name == BASELINE else impl}
+        if path is not None:
+            self.settings.update(fp32_islands=len(path.islands), cuda_graphs=path.graphs is not None,
+                                 compile_mode=path.compile_mode)
 
     def style(self):
         if self.name == BASELINE or "style" not in self.task.graphs:
             return None
+        if self.path is not None:
+            return self.path.run("style", self.res, x2=self.x2)
         return self.model.style(self.x2)
 
     def frame(self, t: int, wplus):
@@ -292,6 +324,11 @@ class _TorchRunner:
             if "translate" in self.task.graphs:
                 return m.forward_official(self.frames[t], z=self.z, noises=self.noises)
             return m.forward_official(self.frames[t], self.x2, editing_w=self.editing_w, noises=self.noises)
+        if self.path is not None:
+            if "translate" in self.task.graphs:
+                return self.path.run("translate", self.res, x=self.frames[t], z=self.z, noises=self.noises)
+            return self.path.run("synth", self.res, x1=self.frames[t], wplus=wplus,
+                                 editing_w=self.editing_w, noises=self.noises)
         if "translate" in self.task.graphs:
             return m.translate(self.frames[t], self.z, noises=self.noises)
         return m.synth(self.frames[t], wplus, editing_w=self.editing_w, noises=self.noises)
@@ -705,16 +742,12 @@ def run_benchmark(cfg: BenchConfig) -> dict:
 
         model = build_model(ck, cfg.task).eval().to(cfg.device)
         ck.state_dict = {}  # the model holds copies; dropping the file's tensors frees ~1.3 GB of RSS
-        fp16_model = None
-        if "torch" in backends and cfg.device == "cuda":
-            import copy
-
-            fp16_model = copy.deepcopy(model).half().set_modconv_impl("auto")
+        paths = torch_paths(cfg, backends, model)
         editing_w = None if ck.editing_w is None else ck.editing_w.float().cpu().numpy()
 
         runs = []
         for res in cfg.res:
-            runs.append(_bench_bucket(cfg, backends, task, res, model, fp16_model, artifacts, editing_w,
+            runs.append(_bench_bucket(cfg, backends, task, res, model, paths, artifacts, editing_w,
                                       noise, ck))
         faces = None
         if cfg.faces_photo is not None:
@@ -746,6 +779,39 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                            f"and with the baseline's own range as peak",
         "runs": runs,
     }
+
+
+def torch_paths(cfg: BenchConfig, backends, model) -> dict:
+    """backend name -> runtime.backends.torch_gpu.TorchPath for every sgex torch backend: FP16 with
+    the plan's FP32 islands and modconv impl auto (the fused Triton op) on CUDA, FP32 on CPU; the
+    variants add CUDA graphs or torch.compile. Each CUDA path owns a copy of the model (the FP16
+    cast and its hooks change the module)."""
+    import copy
+
+    from runtime.backends.torch_gpu import TorchPath
+
+    cuda = cfg.device == "cuda"
+    paths = {}
+    for name in backends:
+        if name != "torch" and name not in TORCH_VARIANTS:
+            continue
+        m = copy.deepcopy(model) if cuda or name in TORCH_VARIANTS else model
+        paths[name] = TorchPath(m, cfg.device, modconv_impl="auto" if cuda else None,
+                                **torch_options(cfg, name))
+    return paths
+
+
+def torch_options(cfg: BenchConfig, name: str) -> dict:
+    """TorchPath/TorchBackend options of sgex torch backend `name` (torch or a TORCH_VARIANTS)."""
+    plan = None
+    if cfg.plan is not None:
+        from export.fp16 import load_plan
+
+        plan = load_plan(cfg.plan, cfg.task)
+    opts = TORCH_VARIANTS.get(name, {})
+    return {"precision": "fp16" if cfg.device == "cuda" else "fp32", "plan": plan,
+            "cuda_graphs": bool(opts.get("cuda_graphs")),
+            "compile_mode": cfg.compile_mode if opts.get("compile") else None}
 
 
 def bench_face_stages(photo: str, iters: int, warmup: int) -> dict:
@@ -789,7 +855,7 @@ def bench_face_stages(photo: str, iters: int, warmup: int) -> dict:
             "stages": {k: summarize(v) for k, v in times.items()}}
 
 
-def _bench_bucket(cfg, backends, task, res, model, fp16_model, artifacts, editing_w, noise, ck) -> dict:
+def _bench_bucket(cfg, backends, task, res, model, paths, artifacts, editing_w, noise, ck) -> dict:
     import torch
 
     n_frames = cfg.frames if cfg.mode == "video" else 1
@@ -811,9 +877,9 @@ def _bench_bucket(cfg, backends, task, res, model, fp16_model, artifacts, editin
     for name in backends:
         if name == BASELINE:
             runner = base
-        elif name == "torch":
-            runner = _TorchRunner("torch", fp16_model or model, inputs, task, cfg.device,
-                                  torch.float16 if fp16_model is not None else torch.float32)
+        elif name in paths:
+            runner = _TorchRunner(name, paths[name].model, inputs, task, cfg.device, None,
+                                  path=paths[name], res=res)
         else:
             runner = _EngineRunner(name, artifacts, inputs, task, res, cfg.device)
         log.info("bucket %d: %s (%s)", res, name, runner.detail)
@@ -905,9 +971,11 @@ def make_clip(path: str, res: int, frames: int, seed: int, lib: str) -> dict:
 def _e2e_engine(cfg: BenchConfig, name: str, artifacts: str | None):
     from runtime.engine import Engine
 
-    if name == "torch":
+    if name == "torch" or name in TORCH_VARIANTS:
         return Engine.from_checkpoint(cfg.task, ckpt=cfg.ckpt, random_weights=cfg.random_weights,
-                                      device=cfg.device, seed=cfg.seed, width_div=cfg.width_div)
+                                      device=cfg.device, seed=cfg.seed, width_div=cfg.width_div,
+                                      modconv_impl="auto" if cfg.device == "cuda" else None,
+                                      torch_options=torch_options(cfg, name))
     return Engine(artifacts, backend=name, device=cfg.device, task=cfg.task)
 
 
@@ -1134,7 +1202,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bucket(s): the OUTPUT side, multiples of 32; each is timed at its largest "
                         "x1, res/4 x res/4")
     p.add_argument("--backends", type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
-                   help=f"comma list from {','.join(BACKENDS)} (default: every available one, logged)")
+                   help=f"comma list from {','.join(BACKENDS)} (default: every available one except "
+                        f"{' and '.join(TORCH_VARIANTS)}, logged)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--frames", type=int, default=8, help="video mode: frames per clip (default 8)")
     p.add_argument("--iters", type=int, default=10, help="timed calls (image) or clips (video)")
@@ -1147,6 +1216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of inputs, noise and random weights")
     p.add_argument("--width-div", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--plan", help="precision plan JSON (sgex-calib) of the CUDA FP16 torch path "
+                                  "(default: the default plan)")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode of the torch-compile backend (default: default)")
     p.add_argument("--faces-photo", metavar="PHOTO",
                    help="also time the face stages per frame (detect, crop/align, paste-back; needs sgex[faces]) "
                         "on this photo, e.g. examples/astronaut.png")
@@ -1168,7 +1241,8 @@ def main(argv: list[str] | None = None) -> int:
             task=args.task, res=tuple(args.res), backends=args.backends, batch=args.batch,
             frames=args.frames, iters=args.iters, warmup=args.warmup, mode=args.mode, ckpt=args.ckpt,
             random_weights=args.random_weights, artifacts=args.artifacts, device=args.device,
-            seed=args.seed, width_div=args.width_div, faces_photo=args.faces_photo, command=shlex.join(["sgex-bench", *argv]),
+            seed=args.seed, width_div=args.width_div, faces_photo=args.faces_photo,
+            command=shlex.join(["sgex-bench", *argv]), plan=args.plan, compile_mode=args.compile_mode,
             end_to_end=not args.no_end_to_end)
         result = run_benchmark(cfg)
         print(format_table(result))

@@ -233,9 +233,11 @@ class ModulatedConv2d(nn.Module):
             return modulated_conv2d(xb, wconv, style, dilation=d // 2, padding=0, **kw)
         # up2: the stride-2 transposed conv is not the stride-1 op. Demodulation (per sample and
         # output channel) commutes with the depthwise blur, so it is applied before it.
-        y = F.conv_transpose2d(x * style[:, :, None, None], weight.transpose(0, 1), stride=2)
+        xstyle = style if style.dtype == x.dtype else style.to(x.dtype)  # FP32 styles, FP16 x
+        y = F.conv_transpose2d(x * xstyle[:, :, None, None], weight.transpose(0, 1), stride=2)
         if self.demodulate:
-            y = y * demodulation(weight, style)[:, :, None, None]
+            demod = demodulation(weight, style)
+            y = y * (demod if demod.dtype == y.dtype else demod.to(y.dtype))[:, :, None, None]
         y = F.conv2d(y, _depthwise(self.blur4[None, None], self.cout), padding=1, groups=self.cout)
         if noise is not None:
             y = y + noise_strength * noise

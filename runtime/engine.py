@@ -138,9 +138,11 @@ class Engine:
     @classmethod
     def from_checkpoint(cls, task: str, ckpt: str | None = None, random_weights: bool = False,
                         device: str | None = "cpu", seed: int = 0, width_div: int = 1, *,
-                        variant: str | None = None, modconv_impl: str | None = None) -> "Engine":
+                        variant: str | None = None, modconv_impl: str | None = None,
+                        torch_options: dict | None = None) -> "Engine":
         """The torch backend straight from an official checkpoint (or random official-format
-        weights with `random_weights`: the output is then noise). No artifacts, no buckets."""
+        weights with `random_weights`: the output is then noise). No artifacts, no buckets.
+        torch_options: TorchBackend's precision / plan / cuda_graphs / compile_mode."""
         require("torch", "torch", "PyTorch")
         from export.checkpoint import build_model, load_or_random
 
@@ -163,7 +165,7 @@ class Engine:
                 raise SgexError(f"{ckpt}: the edit checkpoint has no editing_w")
             editing_w = loaded.editing_w[0:1].detach().float().cpu().numpy()
         inputs = _default_inputs(spec)
-        be = TorchBackend(model, device, modconv_impl=modconv_impl)
+        be = TorchBackend(model, device, modconv_impl=modconv_impl, **(torch_options or {}))
         eng = cls.__new__(cls)
         eng._setup(spec, loaded.variant, loaded.config.style_dim, be, manifest=None, buckets=None,
                    inputs=inputs, editing_w=editing_w, artifacts_dir=None)

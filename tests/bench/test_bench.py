@@ -139,6 +139,21 @@ def test_bad_arguments_are_one_line_errors(argv, needle, capsys):
     assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1
 
 
+def test_torch_variants_only_when_named(capsys, tmp_path):
+    # torch-cudagraph needs CUDA: a one-line error here, never a silent skip or an eager run
+    rc, _, err = _run(["--task", "superres", "--res", "64", "--backends", "torch-official,torch-cudagraph",
+                       *TINY], capsys)
+    assert rc == 2 and "CUDA graphs need --device cuda" in err and len(err.strip().splitlines()) == 1
+    chosen = bench.resolve_backends(bench.BenchConfig(task="superres", res=(64,), random_weights=True))
+    assert not set(chosen) & set(bench.TORCH_VARIANTS)
+    bad = tmp_path / "plan.json"
+    bad.write_text('{"format": "nope"}')
+    for argv, needle in ((["--compile-mode", "fastest"], "--compile-mode"),
+                         (["--plan", str(bad)], "not an sgex precision plan")):
+        rc, _, err = _run(["--task", "superres", "--res", "64", *argv, *TINY], capsys)
+        assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_summarize_and_compare():
     s = bench.summarize([float(v) for v in range(1, 102)])
     assert (s["p50_ms"], s["p90_ms"], s["p99_ms"], s["mean_ms"], s["n"]) == (51.0, 91.0, 100.0, 51.0, 101)

@@ -206,7 +206,7 @@ def main(argv=None) -> int:
                                  epilog="example: python3 -m bench.gpu.report /tmp/gpu")
     ap.add_argument("outdir")
     ap.add_argument("--smoke", type=int, choices=(0, 1), default=0)
-    ap.add_argument("--res-means", choices=("x1", "output"), default="x1")
+    ap.add_argument("--res-means", choices=("x1", "output"), default="output")
     args = ap.parse_args(argv)
     d = Path(args.outdir)
     if not d.is_dir():

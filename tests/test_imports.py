@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("kernels", "export", "runtime", "calib", "bench")
 HEAVY = ("torch", "onnx", "onnxruntime", "onnxscript", "onnxruntime_extensions", "triton", "tensorrt",
-         "polygraphy")
+         "polygraphy", "openvino")
 
 BLOCKER = textwrap.dedent(f"""
     import importlib.abc, sys

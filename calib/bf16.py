@@ -91,7 +91,9 @@ class _Graph:
         from runtime.backends.openvino import pin_fp32
 
         model = pin_fp32(self.core, self.data, pins) if pins else self.core.read_model(self.data)
-        return self.core.compile_model(model, "CPU", self.cfg16)
+        compiled = self.core.compile_model(model, "CPU", self.cfg16)
+        compiled._sgex_model = model  # noqa: SLF001  keep a pinned model's weights buffer alive
+        return compiled
 
     def measure(self, pins: list[str]) -> dict[str, OutputMetrics]:
         cand = self.bf16(pins)

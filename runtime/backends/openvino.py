@@ -212,6 +212,7 @@ class OpenvinoBackend(Backend):
         self.cache = cache_dir(self.dir, ov.__version__.split("-")[0], cpu_key(self.core)) if cache else None
         self.config = compile_config(precision, self.threads, self.cache)
         self._compiled: dict = {}
+        self._models: dict = {}
         self._requests: dict = {}
         self._outputs: dict[str, list[str]] = {}
         log.info("openvino backend: OpenVINO %s, %s, %s, %d thread(s)%s", ov.__version__.split("-")[0], self.cpu,
@@ -238,6 +239,7 @@ class OpenvinoBackend(Backend):
             model = pin_fp32(self.core, data, pins) if pins else self.core.read_model(data)
             del data
             cm = self.core.compile_model(model, DEVICE, self.config)
+            self._models[key] = model  # a pinned model's constants may view its IR weights buffer
             self._compiled[key] = cm
             self._requests[key] = cm.create_infer_request()
             self._outputs[key] = [o.get_any_name() for o in cm.outputs]
@@ -269,3 +271,4 @@ class OpenvinoBackend(Backend):
     def close(self) -> None:
         self._requests.clear()
         self._compiled.clear()
+        self._models.clear()

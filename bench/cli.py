@@ -91,6 +91,7 @@ class BenchConfig:
     seed: int = 0
     width_div: int = 1  # channel divisor of random weights (tests use 4)
     command: str | None = None  # the command line, recorded in the JSON
+    faces_photo: str | None = None  # time the face stages (runtime.faces) per frame on this photo
 
     def check(self) -> None:
         get_task(self.task)
@@ -109,6 +110,8 @@ class BenchConfig:
             raise SgexError(f"--device must be cpu or cuda, got {self.device!r}")
         if (self.ckpt is None) == (not self.random_weights):
             raise SgexError("give exactly one of --ckpt FILE or --random-weights")
+        if self.faces_photo is not None and not Path(self.faces_photo).is_file():
+            raise SgexError(f"--faces-photo {self.faces_photo}: no such file")
         if self.backends is not None:
             unknown = [b for b in self.backends if b not in BACKENDS]
             if unknown:
@@ -739,10 +742,14 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         for res in cfg.res:
             runs.append(_bench_bucket(cfg, backends, task, res, model, fp16_model, artifacts, editing_w,
                                       noise, ck))
+        faces = None
+        if cfg.faces_photo is not None:
+            faces = bench_face_stages(cfg.faces_photo, cfg.iters, cfg.warmup)
     finally:
         tmp.cleanup()
 
     return {
+        "faces": faces,
         "format": FORMAT, "version": VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": cfg.command,
@@ -765,6 +772,47 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                            f"and with the baseline's own range as peak",
         "runs": runs,
     }
+
+
+def bench_face_stages(photo: str, iters: int, warmup: int) -> dict:
+    """Per-frame wall time (perf_counter, CPU) of the face pipeline's stages on one photo, the best
+    face: detect (dlib detector + 68 landmarks on the frame); crop_align (crop params, the official
+    resize + crop, the re-detection on the crop that align_face runs, FFHQ alignment); paste_back
+    (the bicubic canvas at the output scale + the feathered blend of a 4x face output; the blend
+    does not depend on the pixels, so a constant output stands in for the model's). A video in the
+    default (first-frame) mode pays crop only per frame; with --track, detect + crop."""
+    import numpy as np
+
+    from runtime import faces as F
+    from runtime import io as rio
+
+    frame = rio.read_image(photo)
+    if frame.ndim != 3 or frame.shape[2] != 3:
+        raise SgexError(f"--faces-photo {photo}: needs an RGB photo")
+    found = F.detect(frame)
+    if not found:
+        raise SgexError(f"--faces-photo {photo}: no face found")
+    params = F.crop_params(frame.shape, found[0])
+    h, w = params.size
+    face_out = np.full((4 * h, 4 * w, 3), 128, np.uint8)
+    times: dict[str, list[float]] = {"detect": [], "crop_align": [], "crop": [], "paste_back": []}
+    for i in range(warmup + iters):
+        t0 = time.perf_counter()
+        F.detect(frame)
+        t1 = time.perf_counter()
+        x1 = F.crop(frame, F.crop_params(frame.shape, found[0]))
+        t2 = time.perf_counter()
+        F.align(x1, F.crop_landmarks(x1, params, found[0]))
+        t3 = time.perf_counter()
+        canvas = F.paste_canvas(frame, params)
+        F.paste_back(canvas, face_out, F.paste_box(params, frame.shape, canvas.shape))
+        t4 = time.perf_counter()
+        if i >= warmup:
+            for k, dt in (("detect", t1 - t0), ("crop", t2 - t1), ("crop_align", t3 - t1), ("paste_back", t4 - t3)):
+                times[k].append(dt * 1e3)
+    return {"photo": str(photo), "frame": list(frame.shape[:2]), "crop": [h, w],
+            "output_frame": [4 * params.h, 4 * params.w], "timer": "time.perf_counter (CPU wall)",
+            "stages": {k: summarize(v) for k, v in times.items()}}
 
 
 def _bench_bucket(cfg, backends, task, res, model, fp16_model, artifacts, editing_w, noise, ck) -> dict:
@@ -894,6 +942,14 @@ def format_table(result: dict) -> str:
         lines.append(f"({what}; thrpt in {unit}; speedup = baseline p50 / backend p50; peak MB = process "
                      f"peak during the backend, +MB = above the memory at its start; rel = max|diff| / "
                      f"max|baseline| = {ref:.3g}; PSNR peak {PSNR_PEAK:g})")
+    faces = result.get("faces")
+    if faces:
+        st = faces["stages"]
+        lines.append(f"face stages per frame on {faces['photo']} ({faces['frame'][1]}x{faces['frame'][0]}, crop "
+                     f"{faces['crop'][1]}x{faces['crop'][0]}, paste-back frame {faces['output_frame'][1]}x"
+                     f"{faces['output_frame'][0]}), p50 ms beside the model's p50 above: detect "
+                     f"{st['detect']['p50_ms']:.1f}, crop/align {st['crop_align']['p50_ms']:.1f} (crop alone "
+                     f"{st['crop']['p50_ms']:.1f}), paste-back {st['paste_back']['p50_ms']:.1f}")
     return "\n".join(lines)
 
 
@@ -962,6 +1018,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of inputs, noise and random weights")
     p.add_argument("--width-div", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--faces-photo", metavar="PHOTO",
+                   help="also time the face stages per frame (detect, crop/align, paste-back; needs sgex[faces]) "
+                        "on this photo, e.g. examples/astronaut.png")
     p.add_argument("--json", help="write the full result (atomic)")
     p.add_argument("--plot", help="write a latency chart (PNG; needs matplotlib)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -978,7 +1037,7 @@ def main(argv: list[str] | None = None) -> int:
             task=args.task, res=tuple(args.res), backends=args.backends, batch=args.batch,
             frames=args.frames, iters=args.iters, warmup=args.warmup, mode=args.mode, ckpt=args.ckpt,
             random_weights=args.random_weights, artifacts=args.artifacts, device=args.device,
-            seed=args.seed, width_div=args.width_div, command=shlex.join(["sgex-bench", *argv]))
+            seed=args.seed, width_div=args.width_div, faces_photo=args.faces_photo, command=shlex.join(["sgex-bench", *argv]))
         result = run_benchmark(cfg)
         print(format_table(result))
         if args.json:

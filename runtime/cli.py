@@ -35,15 +35,22 @@ examples:
            --input lr.png --output sr.png --scale 16
   # a folder of images (the output is a folder), random weights (the output is noise: a smoke test)
   sgex-run --task inversion --backend torch --random-weights --input faces/ --output out/
+  # every face of a group photo, pasted back into the whole frame; a moving face followed in a video
+  sgex-run --task toonify --ckpt styleganex_toonify_pixar.pt --input group.jpg --output toon.png --faces all --paste-back
+  sgex-run --task toonify --ckpt styleganex_toonify_pixar.pt --input clip.mp4 --output out.mp4 --track --paste-back
+  # landmarks from another detector (68 dlib-order or 5 points), or an input that is already a crop
+  sgex-run --task superres --ckpt styleganex_sr.pt --input lr.png --output sr.png --landmarks lr.json
+  sgex-run --task inversion --ckpt styleganex_inversion.pt --input crop.png --output inv.png --no-align
 
 notes:
-  The output is 4x the model input (x1). superres: x1 = the input resized by S/4 with OpenCV
-  bicubic (INTER_CUBIC), so the output is S x the input; the official script uses PIL bicubic
-  after its own face crop and LR degradation. Without --x2, the aligned face x2 that the style
-  code comes from is the centre square of x1 resized to 256x256; that is right only when the face
-  fills the centre of the frame (real FFHQ face alignment needs a landmark detector; give an
-  aligned 256x256 face with --x2 for official-quality results). Inputs of any size are padded to a
-  multiple of 32 (reflect) and the output is cropped back to exactly 4x.
+  RGB tasks (superres, edit, toonify, inversion) run the official recipe on a real photo or video
+  (spec 4.0): dlib finds the faces (best first), the frame is rescaled so the eyes are 64 px apart
+  and cropped +-256 px around them (x1, sides multiples of 8), and the face is FFHQ-aligned to
+  256x256 (x2, the style source); the output is 4x the crop. superres first resizes the input by
+  S/4 with PIL bicubic (image_translation.py --use_raw_data). Videos take the crop and x2 of the
+  first frame (--track follows a moving face). No face found: exit 2, nothing written.
+  --no-align keeps the whole image as x1: superres then resizes by S/4 with OpenCV bicubic, and
+  without --x2 the style code comes from the centre square of x1 resized to 256.
   Noise and z come from --seed (numpy default_rng per image, the same for every image and frame).
 """
 
@@ -85,7 +92,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edit-scale", type=float, metavar="F",
                    help="edit only: editing_w x F (default +1.0 as video_editing.py; the web UI uses -F)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_face_flags(p)
     return p
+
+
+def _add_face_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "faces", "RGB tasks run the official recipe by default (spec 4.0): dlib finds the face, the frame is "
+                 "rescaled so the eyes are 64 px apart and cropped +-256 px around them (x1), the face is "
+                 "FFHQ-aligned to 256x256 (x2, the style source). Needs sgex[faces].")
+    g.add_argument("--no-align", action="store_true",
+                   help="no detection, crop or alignment: the whole image is x1 (for inputs that are already crops)")
+    g.add_argument("--faces", default="best", metavar="best|all|N",
+                   help="which detected faces to process, best first (score, then size); default best. "
+                        "Several faces without --paste-back write OUTPUT_face0.png, OUTPUT_face1.png, ...")
+    g.add_argument("--paste-back", action="store_true",
+                   help="output the whole frame at the best face's output scale (the source upscaled bicubic) "
+                        "with every processed face blended back over its crop box")
+    g.add_argument("--track", action="store_true",
+                   help="video: re-detect every frame and follow the face (moving average of the eye centre, "
+                        "runtime.faces.TRACK_ALPHA); default: the first frame's crop for every frame, as the official code")
+    g.add_argument("--landmarks", metavar="FILE.json",
+                   help="face points from another detector instead of dlib: a list of 68 (dlib order) or 5 "
+                        "(eye centres, nose tip, mouth corners) [x, y] pairs, or a list of such lists")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,22 +194,34 @@ def run(args) -> int:
 
     # Every input is read and checked before a model is loaded.
     x2 = rio.read_x2(args.x2) if args.x2 else None
+    face_opts = _face_options(args, spec, kind, x2)
     reader = image = files = None
+    selected: dict = {}
     if kind == "image":
         image = rio.task_image(rio.read_image(inp), spec, str(inp))
+        if face_opts is not None:
+            face_opts = _with_landmarks(face_opts, args, image.shape)
+            selected[inp] = _find_faces(image, face_opts, str(inp))
     elif kind == "folder":
         files = rio.list_images(inp)
         for f in files:
-            rio.task_image(rio.read_image(f), spec, str(f))
+            img = rio.task_image(rio.read_image(f), spec, str(f))
+            if face_opts is not None:
+                selected[f] = _find_faces(img, face_opts, str(f))
     else:
         from runtime.video import VideoReader
 
         reader = VideoReader(inp)
         rio.task_image(reader.first, spec, f"{inp}: frame 0")
+        if face_opts is not None:
+            face_opts = _with_landmarks(face_opts, args, reader.first.shape)
+            _find_faces(reader.first, face_opts, str(inp))
 
     try:
         engine = _engine(args, source)
         scale = _scale(args, engine)
+        if face_opts is not None:
+            return _run_faces(engine, face_opts, kind, inp, out, image, files, reader, selected, scale, args)
         prep = (lambda im: rio.resize_for_scale(im, scale)) if scale else (lambda im: im)
         edit_scale = 1.0 if args.edit_scale is None else args.edit_scale
         opts = dict(x2=x2, seed=args.seed, edit_scale=edit_scale)
@@ -236,6 +277,100 @@ def _scale(args, engine) -> int | None:
         shown = f"{allowed[0]}..{allowed[-1]} step 4" if len(allowed) > 1 else str(allowed[0])
         raise SgexError(f"--scale {scale} is not available for superres variant {engine.variant} ({shown})")
     return scale
+
+
+def _face_options(args, spec, kind: str, x2):
+    """runtime.pipeline.FaceOptions for the face pipeline, or None (--no-align, or a task whose
+    recipe takes its input as is); conflicting face flags are refused here."""
+    from runtime.pipeline import FaceOptions
+    from runtime.recipes import get_recipe
+
+    given = [f for f, on in (("--faces", args.faces != "best"), ("--paste-back", args.paste_back),
+                             ("--track", args.track), ("--landmarks", args.landmarks)) if on]
+    if not get_recipe(spec.name).face_crop:
+        if given:
+            raise SgexError(f"{given[0]} applies to RGB face tasks; {spec.name} takes its {spec.input_kind} as is")
+        return None
+    if args.no_align:
+        if given:
+            raise SgexError(f"{given[0]} needs the face pipeline; it does not go with --no-align")
+        return None
+    if args.track and kind != "video":
+        raise SgexError("--track applies to video inputs only")
+    if args.landmarks and kind == "folder":
+        raise SgexError("--landmarks gives one image's points; it does not apply to a folder")
+    return FaceOptions(faces=args.faces, paste_back=args.paste_back, track=args.track, x2=x2)
+
+
+def _with_landmarks(opts, args, shape):
+    import dataclasses
+
+    from runtime.pipeline import read_landmarks
+
+    if not args.landmarks:
+        return opts
+    return dataclasses.replace(opts, landmarks=read_landmarks(args.landmarks, shape))
+
+
+def _find_faces(image, opts, what: str) -> list:
+    from runtime.pipeline import find_faces
+
+    found = find_faces(image, opts, what)
+    log.info("%s: %d face%s selected", what, len(found), "s" if len(found) != 1 else "")
+    return found
+
+
+def _face_outputs(out: Path, n: int) -> list[Path]:
+    """One output per face: OUTPUT itself for one, OUTPUT_face<i> for several."""
+    if n == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_face{i}{out.suffix}") for i in range(n)]
+
+
+def _write_photo(res, out: Path, paste_back: bool) -> None:
+    from runtime import io as rio
+
+    if paste_back:
+        rio.write_image(out, res.image)
+        log.info("wrote %s (%dx%d, %d face%s pasted back)", out, res.image.shape[1], res.image.shape[0],
+                 len(res.faces), "s" if len(res.faces) != 1 else "")
+        return
+    for path, f in zip(_face_outputs(out, len(res.faces)), res.faces):
+        rio.write_image(path, f.output)
+        log.info("wrote %s (%dx%d, crop %dx%d)", path, f.output.shape[1], f.output.shape[0],
+                 f.job.params.size[1], f.job.params.size[0])
+
+
+def _run_faces(engine, opts, kind, inp, out, image, files, reader, selected, scale, args) -> int:
+    from runtime import pipeline
+
+    edit_scale = 1.0 if args.edit_scale is None else args.edit_scale
+    common = dict(scale=scale, seed=args.seed, edit_scale=edit_scale)
+    if kind == "image":
+        res = pipeline.process_photo(engine, image, opts, what=str(inp), selected=selected[inp], **common)
+        _write_photo(res, out, opts.paste_back)
+    elif kind == "folder":
+        from runtime import io as rio
+        from runtime.video import Progress
+
+        out.mkdir(exist_ok=True)
+        bar = Progress(len(files), "images")
+        try:
+            for f in files:
+                img = rio.task_image(rio.read_image(f), engine.spec, str(f))
+                res = pipeline.process_photo(engine, img, opts, what=str(f), selected=selected[f], **common)
+                _write_photo(res, out / f.name, opts.paste_back)
+                bar.update()
+        finally:
+            bar.close()
+        log.info("wrote %d images to %s", len(files), out)
+    else:
+        from runtime.video import write_video
+
+        n = write_video(out, engine.process_video(reader, faces=opts, **common), reader.info.fps,
+                        total=reader.info.frames)
+        log.info("wrote %s (%d frames at %.3g fps)", out, n, reader.info.fps)
+    return 0
 
 
 def _run_folder(engine, files, out: Path, prep, opts) -> None:

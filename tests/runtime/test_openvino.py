@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 
@@ -248,3 +249,20 @@ def test_calib_bf16_cli_records_in_manifest(exports, capsys):
     assert gate["passed"] and set(gate["graphs"]) == {f"translate@{SIDE}"}
     assert (d / "bf16.md").is_file() and (d / "bf16.json").is_file()
     Manifest.load(d).verify(d)
+
+
+@needs_bf16
+def test_gate_search_pins_the_layers_that_miss_the_target():
+    """An unreachable target for BF16 (PSNR 200 dB) on a one-conv graph: the search must move the
+    conv to FP32, and the pinned conv must really run f32 (then BF16 equals FP32 exactly)."""
+    import openvino as ov
+
+    from calib.bf16 import _Graph, gate_graph
+
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 4, 8, 8)).astype(np.float32)} for i in range(2)]
+    g = _Graph(ov.Core(), "conv", _conv_graph(), feeds, 1, None)
+    unpinned = gate_graph(g, target_psnr=1.0)
+    assert unpinned["passed"] and unpinned["fp32_units"] == [] and math.isfinite(float(unpinned["psnr"]))
+    rec = gate_graph(g, target_psnr=200.0)
+    assert rec["passed"] and rec["fp32_units"] == ["node:conv_a"] and rec["fp32_nodes"] == ["conv_a"]
+    assert rec["psnr"] == "inf" and rec["pins_held"] == {"f32": 1, "bf16": 0}

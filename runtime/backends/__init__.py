@@ -109,7 +109,7 @@ def resolve(name: str, manifest, device: str | None = None, precision: str | Non
 def create(name: str, artifacts_dir, manifest, device: str | None = None, **options) -> Backend:
     """Instantiate artifact backend `name` ("auto" | "ort" | "trt" | "openvino") for a verified task
     directory. options (None values are ignored): OPENVINO_OPTIONS, for the openvino backend only."""
-    options = {k: v for k, v in options.items() if v not in (None, False)}
+    options = {k: v for k, v in options.items() if v is not None and v is not False}
     unknown = sorted(set(options) - set(OPENVINO_OPTIONS))
     if unknown:
         raise TypeError(f"unknown backend option(s) {unknown}")

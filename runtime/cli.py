@@ -14,6 +14,7 @@ from pathlib import Path
 from runtime._cli import run_main, setup_logging
 from runtime.errors import SgexError
 from runtime.tasks import TASKS, get_task
+from runtime.video import DEFAULT_CRF
 
 log = logging.getLogger("sgex-run")
 
@@ -26,6 +27,8 @@ examples:
   # PyTorch straight from an official checkpoint, a whole video (style from the first frame)
   sgex-run --task toonify --backend torch --ckpt pretrained_models/styleganex_toonify_pixar.pt \\
            --input clip.mp4 --output clip_pixar.mp4 --device cuda
+  # H.264 at crf 20 with the source's audio copied, 4 frames per engine call (needs the video extra)
+  sgex-run --task toonify --artifacts artifacts/toonify --input clip.mov --output toon.mp4 --batch 4 --crf 20
   # attribute editing with the web-UI sign (the web UI applies -scale): web slider 2 -> --edit-scale -2
   sgex-run --task edit --artifacts artifacts/edit --input face.jpg --output edited.jpg --edit-scale -2
   # sketch / parsing mask (1-channel label PNG, values 0..18) to face; --seed picks z and the noise
@@ -70,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16"],
                    help="openvino only: inference precision (default fp32; bf16 needs a passing BF16 gate)")
     p.add_argument("--threads", type=int, metavar="N",
-                   help="openvino only: CPU threads (default: the CPUs this process may run on)")
+                   help="ort/openvino: CPU threads (default: ONNX Runtime's own; openvino: the CPUs this "
+                        "process may run on)")
     p.add_argument("--force-precision", action="store_true",
                    help="openvino only: run bf16 on an export without a passing BF16 gate (warned)")
     p.add_argument("--artifacts", metavar="DIR", help="exported task directory (or the export root) for ort/trt")
@@ -91,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when the backend finds one, logged)")
     p.add_argument("--edit-scale", type=float, metavar="F",
                    help="edit only: editing_w x F (default +1.0 as video_editing.py; the web UI uses -F)")
+    v = p.add_argument_group("video (PyAV, extra 'video'; without it OpenCV writes mp4v and drops the audio)")
+    v.add_argument("--batch", type=int, default=1, metavar="N",
+                   help="frames per engine call (default 1); decode and encode run in their own threads")
+    v.add_argument("--crf", type=int, metavar="Q",
+                   help=f"encoder quality, lower is better (libx264 0..51, 0 = lossless; default {DEFAULT_CRF})")
+    v.add_argument("--codec", metavar="NAME",
+                   help="FFmpeg video encoder (default: libx264 for mp4/mov/mkv/avi, libvpx-vp9 for webm; logged "
+                        "if the build lacks it); the source's audio is copied as is")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     _add_face_flags(p)
     return p
@@ -137,8 +149,8 @@ def _backend_source(args) -> str:
         return "checkpoint"
     if args.threads is not None and args.threads < 1:
         raise SgexError(f"--threads must be >= 1, got {args.threads}")
-    if (args.precision or args.threads or args.force_precision) and args.backend not in ("auto", "openvino"):
-        raise SgexError(f"--precision/--threads/--force-precision apply to --backend openvino, not {args.backend}")
+    if (args.precision or args.force_precision) and args.backend not in ("auto", "openvino"):
+        raise SgexError(f"--precision/--force-precision apply to --backend openvino, not {args.backend}")
     if args.backend in ("ort", "trt", "openvino"):
         if has_ckpt:
             raise SgexError(f"--backend {args.backend} runs exported artifacts: give --artifacts DIR, "
@@ -168,6 +180,8 @@ def _check_task_flags(args, spec) -> None:
         raise SgexError("--width-div applies to --random-weights only")
     if args.width_div < 1:
         raise SgexError(f"--width-div must be >= 1, got {args.width_div}")
+    if args.batch < 1:
+        raise SgexError(f"--batch must be >= 1, got {args.batch}")
 
 
 def _input_kind(path: Path) -> str:
@@ -193,9 +207,11 @@ def run(args) -> int:
         raise SgexError(f"{out}: the output would overwrite the input")
 
     # Every input is read and checked before a model is loaded.
+    if kind != "video" and (args.crf is not None or args.codec is not None or args.batch != 1):
+        raise SgexError("--batch, --crf and --codec apply to a video input only")
     x2 = rio.read_x2(args.x2) if args.x2 else None
     face_opts = _face_options(args, spec, kind, x2)
-    reader = image = files = None
+    reader = image = files = encoding = None
     selected: dict = {}
     if kind == "image":
         image = rio.task_image(rio.read_image(inp), spec, str(inp))
@@ -209,19 +225,22 @@ def run(args) -> int:
             if face_opts is not None:
                 selected[f] = _find_faces(img, face_opts, str(f))
     else:
-        from runtime.video import VideoReader
+        from runtime.video import VideoReader, resolve_encoding
 
         reader = VideoReader(inp)
+        reader.check_complete()
         rio.task_image(reader.first, spec, f"{inp}: frame 0")
         if face_opts is not None:
             face_opts = _with_landmarks(face_opts, args, reader.first.shape)
             _find_faces(reader.first, face_opts, str(inp))
+        encoding = resolve_encoding(out, reader.lib, codec=args.codec, crf=args.crf, source=reader.info)
 
     try:
         engine = _engine(args, source)
         scale = _scale(args, engine)
         if face_opts is not None:
-            return _run_faces(engine, face_opts, kind, inp, out, image, files, reader, selected, scale, args)
+            return _run_faces(engine, face_opts, kind, inp, out, image, files, reader, selected, scale, args,
+                              encoding=encoding)
         prep = (lambda im: rio.resize_for_scale(im, scale)) if scale else (lambda im: im)
         edit_scale = 1.0 if args.edit_scale is None else args.edit_scale
         opts = dict(x2=x2, seed=args.seed, edit_scale=edit_scale)
@@ -232,12 +251,11 @@ def run(args) -> int:
         elif kind == "folder":
             _run_folder(engine, files, out, prep, opts)
         else:
-            from runtime.video import write_video
+            from runtime.video import run_video
 
-            frames = (prep(f) for f in reader)
-            n = write_video(out, engine.process_video(frames, **opts), reader.info.fps,
-                            total=reader.info.frames)
-            log.info("wrote %s (%d frames at %.3g fps)", out, n, reader.info.fps)
+            n = run_video(reader, out, lambda frames: engine.process_video(frames, batch_size=args.batch, **opts),
+                          encoding=encoding, prep=prep, queue_frames=2 * args.batch)
+            log.info("wrote %s (%d frames at %.3g fps, %s)", out, n, reader.info.fps, encoding.describe())
     finally:
         if reader is not None:
             reader.close()
@@ -249,7 +267,8 @@ def _engine(args, source: str):
 
     if source == "artifacts":
         engine = Engine(args.artifacts, backend=args.backend, device=args.device, task=args.task,
-                        precision=args.precision, threads=args.threads, force_precision=args.force_precision)
+                        precision=args.precision, intra_op_threads=args.threads,
+                        force_precision=args.force_precision)
         if args.variant is not None and engine.variant != args.variant:
             raise SgexError(f"{args.artifacts}: artifacts of variant {engine.variant!r}, not {args.variant!r}")
         return engine
@@ -341,7 +360,7 @@ def _write_photo(res, out: Path, paste_back: bool) -> None:
                  f.job.params.size[1], f.job.params.size[0])
 
 
-def _run_faces(engine, opts, kind, inp, out, image, files, reader, selected, scale, args) -> int:
+def _run_faces(engine, opts, kind, inp, out, image, files, reader, selected, scale, args, encoding=None) -> int:
     from runtime import pipeline
 
     edit_scale = 1.0 if args.edit_scale is None else args.edit_scale
@@ -365,11 +384,12 @@ def _run_faces(engine, opts, kind, inp, out, image, files, reader, selected, sca
             bar.close()
         log.info("wrote %d images to %s", len(files), out)
     else:
-        from runtime.video import write_video
+        from runtime.video import run_video
 
-        n = write_video(out, engine.process_video(reader, faces=opts, **common), reader.info.fps,
-                        total=reader.info.frames)
-        log.info("wrote %s (%d frames at %.3g fps)", out, n, reader.info.fps)
+        n = run_video(reader, out, lambda frames: engine.process_video(frames, faces=opts, batch_size=args.batch,
+                                                                       **common),
+                      encoding=encoding, queue_frames=2 * args.batch)
+        log.info("wrote %s (%d frames at %.3g fps, %s)", out, n, reader.info.fps, encoding.describe())
     return 0
 
 

@@ -27,7 +27,8 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm",
 VIDEO_EXTS = (".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv")
 
 __all__ = [
-    "IMAGE_EXTS", "VIDEO_EXTS", "is_image_path", "is_video_path", "check_input_file", "read_image", "write_image",
+    "IMAGE_EXTS", "VIDEO_EXTS", "is_image_path", "is_video_path", "check_input_file", "read_image",
+    "decode_image", "encode_image", "write_image",
     "list_images", "check_output_path", "atomic_output", "task_image", "check_batch", "pad_to_multiple",
     "rgb_to_model", "sketch_to_model", "mask_to_model", "to_uint8", "centre_square_x2",
     "resize_for_scale", "check_x2", "check_input_file", "read_x2", "crop_output",
@@ -66,14 +67,20 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode an 8-bit image file as stored: uint8 [H, W] (grey) or [H, W, 3] RGB or [H, W, 4] RGBA.
 
     SgexError (one line) for a missing, empty, undecodable or non-8-bit file."""
-    cv2 = _cv2()
     p = check_input_file(path, "an image")
-    data = np.fromfile(p, dtype=np.uint8)  # decoding from memory: no OpenCV path warnings
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    return decode_image(np.fromfile(p, dtype=np.uint8), str(p))  # from memory: no OpenCV path warnings
+
+
+def decode_image(data: bytes | np.ndarray, what: str = "image") -> np.ndarray:
+    """Decode the bytes of an 8-bit image file, as `read_image` (uint8 [H, W], RGB [H, W, 3] or
+    RGBA [H, W, 4]); SgexError naming `what` for undecodable or non-8-bit data."""
+    cv2 = _cv2()
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
     if img is None:
-        raise SgexError(f"{p}: not an image OpenCV can decode")
+        raise SgexError(f"{what}: not an image OpenCV can decode")
     if img.dtype != np.uint8:
-        raise SgexError(f"{p}: {img.dtype} pixels; sgex reads 8-bit images")
+        raise SgexError(f"{what}: {img.dtype} pixels; sgex reads 8-bit images")
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
     if img.ndim == 3 and img.shape[2] == 3:
@@ -151,16 +158,23 @@ class atomic_output:
         return False
 
 
+def encode_image(image: np.ndarray, ext: str, what: str = "image") -> bytes:
+    """uint8 RGB [H, W, 3] (or grey [H, W]) -> the bytes of an image file of extension `ext`
+    (".png", ".jpg", ...), OpenCV's default encoder settings."""
+    cv2 = _cv2()
+    img = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
+    ok, buf = cv2.imencode(ext.lower(), img)
+    if not ok:
+        raise SgexError(f"{what}: OpenCV cannot encode {ext!r} images")
+    return buf.tobytes()
+
+
 def write_image(path: str | os.PathLike, image: np.ndarray) -> Path:
     """Encode uint8 RGB [H, W, 3] (or grey [H, W]) by the extension of `path`, written atomically."""
-    cv2 = _cv2()
     p = Path(path)
-    img = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
-    ok, buf = cv2.imencode(p.suffix.lower(), img)
-    if not ok:
-        raise SgexError(f"{p}: OpenCV cannot encode {p.suffix!r} images")
+    data = encode_image(image, p.suffix, str(p))
     with atomic_output(p) as tmp:
-        buf.tofile(tmp)
+        tmp.write_bytes(data)
     return p
 
 

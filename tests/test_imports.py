@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("kernels", "export", "runtime", "calib", "bench")
 HEAVY = ("torch", "onnx", "onnxruntime", "onnxscript", "onnxruntime_extensions", "triton", "tensorrt",
-         "polygraphy", "dlib", "scipy", "PIL", "skimage", "openvino")
+         "polygraphy", "dlib", "scipy", "PIL", "skimage", "av", "ray", "tritonclient", "openvino")
 
 BLOCKER = textwrap.dedent(f"""
     import importlib.abc, sys
@@ -72,7 +72,7 @@ def test_every_module_imports(module):
 
 def test_runtime_imports_without_heavy_libraries():
     mods = _modules("runtime")
-    assert {"runtime.engine", "runtime.cli", "runtime.faces", "runtime.recipes"} <= set(mods)
+    assert {"runtime.engine", "runtime.cli", "runtime.faces", "runtime.recipes", "runtime.serve"} <= set(mods)
     code = textwrap.dedent(f"""
         import importlib, sys
         for m in {mods!r}:
@@ -93,7 +93,8 @@ def test_blocker_really_blocks():
     assert r.returncode != 0 and "blocked heavy import: torch" in r.stderr
 
 
-@pytest.mark.parametrize("script", ["sgex-run", "sgex-export", "sgex-bench", "sgex-calib"])
+@pytest.mark.parametrize("script", ["sgex-run", "sgex-export", "sgex-bench", "sgex-calib", "sgex-serve",
+                                    "sgex-triton"])
 def test_console_script_help_without_heavy_libraries(script):
     scripts = _console_scripts()
     assert script in scripts, f"{script} is not declared in pyproject.toml"

@@ -4,7 +4,7 @@ PyTorch reference, built from a checkpoint).
 
 Each backend module is imported only when chosen, so `import runtime` needs none of onnxruntime,
 tensorrt, openvino or torch. Artifact backends share one constructor: `Cls(artifacts_dir,
-manifest, device)`; the openvino backend also takes the options in OPENVINO_OPTIONS.
+manifest, device, **options)` (see `create`).
 
 "auto" order (each step logged with its reason): trt when the manifest lists engines and TensorRT
 imports; else, on the CPU, openvino BF16 when OpenVINO is installed, the CPU has native BF16 and
@@ -30,9 +30,8 @@ ARTIFACT_BACKENDS = {"ort": ("runtime.backends.ort", "OrtBackend"),
                      "trt": ("runtime.backends.trt", "TrtBackend"),
                      "openvino": ("runtime.backends.openvino", "OpenvinoBackend")}
 NAMES = ("auto", "ort", "trt", "openvino", "torch")
-OPENVINO_OPTIONS = ("precision", "threads", "force_precision")
 
-__all__ = ["Backend", "ARTIFACT_BACKENDS", "NAMES", "OPENVINO_OPTIONS", "tensorrt_importable", "resolve", "create"]
+__all__ = ["Backend", "ARTIFACT_BACKENDS", "NAMES", "tensorrt_importable", "resolve", "create"]
 
 
 def tensorrt_importable() -> tuple[bool, str]:
@@ -106,22 +105,28 @@ def resolve(name: str, manifest, device: str | None = None, precision: str | Non
     return "ort"
 
 
-def create(name: str, artifacts_dir, manifest, device: str | None = None, **options) -> Backend:
+def create(name: str, artifacts_dir, manifest, device: str | None = None, *,
+           intra_op_threads: int | None = None, precision: str | None = None,
+           force_precision: bool = False) -> Backend:
     """Instantiate artifact backend `name` ("auto" | "ort" | "trt" | "openvino") for a verified task
-    directory. options (None values are ignored): OPENVINO_OPTIONS, for the openvino backend only."""
-    options = {k: v for k, v in options.items() if v is not None and v is not False}
-    unknown = sorted(set(options) - set(OPENVINO_OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown backend option(s) {unknown}")
-    chosen = resolve(name, manifest, device, options.get("precision"))
-    if name == "auto" and chosen == "openvino" and "precision" not in options:
-        options["precision"] = "bf16"  # the only reason auto picks openvino
+    directory. intra_op_threads sizes the CPU pool of ONNX Runtime and OpenVINO (TensorRT runs on
+    the GPU and has none); precision ("fp32" | "bf16") and force_precision (BF16 without a
+    passing gate) are the openvino backend's (runtime/backends/openvino.py)."""
+    chosen = resolve(name, manifest, device, precision)
+    if name == "auto" and chosen == "openvino" and precision is None:
+        precision = "bf16"  # the only reason auto picks openvino
     name = chosen
-    if options and name != "openvino":
-        raise SgexError(f"{', '.join(o.replace('_', '-') for o in sorted(options))} appl"
-                        f"{'ies' if len(options) == 1 else 'y'} to the openvino backend only, not {name}")
+    if (precision is not None or force_precision) and name != "openvino":
+        raise SgexError(f"precision/force-precision apply to the openvino backend only, not {name}")
     if name == "trt" and not manifest.engines:
         raise SgexError(f"{artifacts_dir}: the manifest lists no TensorRT engines "
                         f"(build them with sgex-export, or use --backend ort)")
     module, cls = ARTIFACT_BACKENDS[name]
-    return getattr(importlib.import_module(module), cls)(artifacts_dir, manifest, device, **options)
+    kwargs = {}
+    if name == "ort":
+        kwargs["intra_op_threads"] = intra_op_threads
+    elif name == "openvino":
+        kwargs.update(precision=precision or "fp32", threads=intra_op_threads, force_precision=force_precision)
+    elif intra_op_threads is not None:
+        log.info("%s backend: intra-op threads %d do not apply (it runs on the GPU)", name, intra_op_threads)
+    return getattr(importlib.import_module(module), cls)(artifacts_dir, manifest, device, **kwargs)

@@ -83,7 +83,7 @@ def test_fp32_matches_ort_and_bf16_gate_passes(task, exports, capsys):
     d = exports(task)
     m = Manifest.load(d)
     ort = create("ort", d, m, "cpu")
-    ov = create("openvino", d, m, "cpu", precision="fp32", threads=1)
+    ov = create("openvino", d, m, "cpu", precision="fp32", intra_op_threads=1)
     key = f"{get_task(task).graphs[-1]}@{SIDE}"
     wplus = None
     if "style" in m.graphs:
@@ -114,7 +114,7 @@ def test_fp32_matches_ort_and_bf16_gate_passes(task, exports, capsys):
     write_gate(d, record)
     m2 = Manifest.load(d)
     assert openvino_bf16_ready(m2) == (True, "")
-    bf = create("openvino", d, m2, "cpu", precision="bf16", threads=1)  # not forced: the gate passed
+    bf = create("openvino", d, m2, "cpu", precision="bf16", intra_op_threads=1)  # not forced: the gate passed
     from calib.compare import psnr
 
     y_bf = bf.run(key, feeds)["y"]

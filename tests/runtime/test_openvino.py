@@ -173,7 +173,7 @@ def test_cpu_without_bf16_gets_one_line(tiny_superres_export, tmp_path, monkeypa
     img = tmp_path / "in.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
     rc = main(["--task", "superres", "--artifacts", str(tiny_superres_export), "--backend", "openvino",
-               "--precision", "bf16", "--force-precision", "--input", str(img), "--output", str(tmp_path / "o.png")])
+               "--precision", "bf16", "--force-precision", "--no-align", "--input", str(img), "--output", str(tmp_path / "o.png")])
     err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
     assert rc == 2 and len(err) == 1 and "native BF16" in err[0], err
     assert not (tmp_path / "o.png").exists()

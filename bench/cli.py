@@ -16,6 +16,9 @@ Backends (each only if available; one named explicitly that is not available is 
   ort             the exported ONNX graphs through `runtime.Engine(backend="ort")`; exported to a
                   temporary directory with `export.onnx.export_task` when --artifacts is not given.
   trt             the TensorRT engines of --artifacts through `runtime.Engine(backend="trt")`.
+  openvino-fp32   the exported ONNX graphs through `runtime.Engine(backend="openvino",
+  openvino-bf16   precision="fp32" | "bf16")` on the CPU (compiled before timing); bf16 only on an
+                  --artifacts directory that passed the BF16 gate (sgex-calib --bf16), never forced.
 
 Modes: "image" times style + synth per image (batch); "video" times style once per clip and synth
 per frame (the baseline recomputes the style per frame, as the official video script does).
@@ -74,13 +77,18 @@ log = logging.getLogger(__name__)
 FORMAT = "sgex-bench"
 VERSION = 1
 BASELINE = "torch-official"
-BACKENDS = ("torch-official", "torch", "ort", "trt", "torch-cudagraph", "torch-compile")
+BACKENDS = ("torch-official", "torch", "ort", "trt", "openvino-fp32", "openvino-bf16", "torch-cudagraph",
+            "torch-compile")
 # Variants of the torch path: run only when named (capture and compile cost minutes, CUDA graphs
 # need a GPU), so "every available backend" stays what it was.
 TORCH_VARIANTS = {"torch-cudagraph": {"cuda_graphs": True}, "torch-compile": {"compile": True}}
+OPENVINO = {"openvino-fp32": "fp32", "openvino-bf16": "bf16"}  # bench name -> openvino precision
 MODES = ("image", "video")
 PSNR_PEAK = 2.0  # nominal output range [-1, 1]
 DISAGREE = 1e-2  # relative max |diff| above which a backend is logged as disagreeing (FP16 ~1e-3)
+# BF16 keeps 8 significant bits (FP16: 11): its max |diff| is ~8x FP16's; its accuracy is gated by
+# PSNR in sgex-calib --bf16, so the log threshold scales with the format instead of flagging every run
+DISAGREE_BY_PRECISION = {"bf16": 8 * DISAGREE}
 FLOP_COUNTER = "torch.utils.flop_counter.FlopCounterMode (1 multiply-add = 2 FLOP)"
 
 
@@ -178,6 +186,8 @@ def backend_unavailable(name: str, device: str, artifacts: str | None, task: str
                 return ("onnxruntime has no CUDAExecutionProvider (pip uninstall onnxruntime && "
                         "pip install -c constraints.txt onnxruntime-gpu)")
         return None
+    if name in OPENVINO:
+        return _openvino_unavailable(OPENVINO[name], device, artifacts, task)
     if name == "trt":
         if not _has("tensorrt"):
             return str(MissingDependency("TensorRT", "trt"))
@@ -191,6 +201,25 @@ def backend_unavailable(name: str, device: str, artifacts: str | None, task: str
             return f"{artifacts} holds no TensorRT engines (build them with sgex-export)"
         return None
     raise SgexError(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")
+
+
+def _openvino_unavailable(precision: str, device: str, artifacts: str | None, task: str) -> str | None:
+    if not _has("openvino"):
+        return str(MissingDependency("OpenVINO", "openvino"))
+    if device != "cpu":
+        return "OpenVINO runs on --device cpu"
+    if artifacts is None and not (_has("onnx") and _has("onnxscript")):
+        return str(MissingDependency("onnx/onnxscript (to export the graphs; or pass --artifacts)", "onnx"))
+    if precision == "bf16":
+        from runtime.backends import openvino_bf16_ready
+        from runtime.manifest import Manifest
+
+        if artifacts is None:
+            return "openvino-bf16 needs --artifacts DIR that passed the BF16 gate (sgex-calib --bf16 --artifacts DIR)"
+        ok, why = openvino_bf16_ready(Manifest.load(task_dir(artifacts, task)))
+        if not ok:
+            return why
+    return None
 
 
 def resolve_backends(cfg: BenchConfig) -> list[str]:
@@ -349,13 +378,17 @@ class _EngineRunner:
         from runtime.engine import Engine
 
         self.name, self.task, self.inputs = name, task, inputs
-        self.engine = Engine(artifacts, backend=name, device=device, task=task.name)
+        if name in OPENVINO:
+            self.engine = Engine(artifacts, backend="openvino", device=device, task=task.name,
+                                 precision=OPENVINO[name])
+        else:
+            self.engine = Engine(artifacts, backend=name, device=device, task=task.name)
         m = self.engine.manifest
         self.key = graph_key(task.graphs[-1], res)
         names = [i["name"] for i in m.graph(self.key)["inputs"]]
         self.timer = "perf_counter" if device == "cpu" else "perf_counter+cuda-synchronize (host arrays)"
         self.precision = (m.engines.get(self.key, {}).get("precision", m.precision) if name == "trt"
-                          else m.precision)
+                          else OPENVINO.get(name, m.precision))
         self.detail = self.engine.backend.describe()
         self.stages = ("style", "synth") if "style" in task.graphs else ("forward",)
         self.feeds = []
@@ -384,6 +417,12 @@ class _EngineRunner:
                                       "intra_op_num_threads": so.intra_op_num_threads,
                                       "inter_op_num_threads": so.inter_op_num_threads,
                                       "execution_mode": str(so.execution_mode)}
+        if name in OPENVINO:  # compile outside the timing too
+            be = self.engine.backend
+            for key in (["style"] if "style" in task.graphs else []) + [self.key]:
+                be.compiled(key)
+                self.settings[key] = {"config": {k: str(v) for k, v in be.config.items()},
+                                      "fp32_pins": len(be.pins.get(key, []))}
 
     def style(self):
         if "style" not in self.task.graphs:
@@ -726,7 +765,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                         "are those of the real network sizes", cfg.seed, cfg.width_div)
         ck = load_or_random(cfg.task, cfg.ckpt, cfg.random_weights, seed=cfg.seed, width_div=cfg.width_div)
         artifacts = None if cfg.artifacts is None else task_dir(cfg.artifacts, cfg.task)
-        if any(b in ("ort", "trt") for b in backends):
+        if any(b in ("ort", "trt", *OPENVINO) for b in backends):
             if artifacts is None:
                 artifacts = _export(cfg, os.path.join(tmp.name, "artifacts"))
             from runtime.manifest import Manifest
@@ -770,7 +809,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                         load_avg_end=list(os.getloadavg())),
         "versions": {"sgex": _version("sgex"), "torch": torch.__version__, "numpy": np.__version__,
                      "onnxruntime": _version("onnxruntime"), "onnx": _version("onnx"),
-                     "tensorrt": _version("tensorrt")},
+                     "tensorrt": _version("tensorrt"), "openvino": _version("openvino")},
         "threads": _threads(),
         "noise": "explicit" if noise else "zero",
         "flop_counter": FLOP_COUNTER,
@@ -928,7 +967,8 @@ def _bench_bucket(cfg, backends, task, res, model, paths, artifacts, editing_w, 
             "ref_abs_max": worst("ref_abs_max", max),
             "finite": all(c["finite"] for c in cmp), "identical": all(c["identical"] for c in cmp)}
         rel = row["accuracy"]["rel_max_abs_diff"]
-        if name != BASELINE and (not row["accuracy"]["finite"] or rel is None or rel > DISAGREE):
+        if name != BASELINE and (not row["accuracy"]["finite"] or rel is None
+                                  or rel > DISAGREE_BY_PRECISION.get(row["precision"], DISAGREE)):
             log.warning("bucket %d: %s DISAGREES with %s (max |diff| %.3g, relative %s): its timing "
                         "is not a valid comparison", res, name, BASELINE, row["accuracy"]["max_abs_diff"],
                         "n/a" if rel is None else f"{rel:.2g}")

@@ -35,6 +35,9 @@ examples:
   sgex-run --task edit --artifacts artifacts/edit --input face.jpg --output edited.jpg --edit-scale -2
   # sketch / parsing mask (1-channel label PNG, values 0..18) to face; --seed picks z and the noise
   sgex-run --task sketch2face --artifacts artifacts/sketch2face --input sketch.jpg --output face.png --seed 3
+  # OpenVINO on the CPU in BF16 (the export needs a passing gate: sgex-calib --bf16 --artifacts DIR)
+  sgex-run --task superres --artifacts artifacts/superres --backend openvino --precision bf16 \
+           --input lr.png --output sr.png --scale 16
   # a folder of images (the output is a folder), random weights (the output is noise: a smoke test)
   sgex-run --task inversion --backend torch --random-weights --input faces/ --output out/
   # every face of a group photo, pasted back into the whole frame; a moving face followed in a video
@@ -72,9 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an image, a folder of images, or a video (mp4/avi/mov/mkv/webm/...)")
     p.add_argument("--output", required=True, metavar="PATH",
                    help="image file, folder (for a folder input; created if missing) or video file")
-    p.add_argument("--backend", default="auto", choices=["auto", "ort", "trt", "torch"],
-                   help="auto: trt when --artifacts has TensorRT engines and tensorrt imports, else ort; "
-                        "torch with --ckpt/--random-weights (default: auto, logged)")
+    p.add_argument("--backend", default="auto", choices=["auto", "ort", "trt", "openvino", "torch"],
+                   help="auto: trt when --artifacts has TensorRT engines and tensorrt imports, else on the "
+                        "CPU openvino bf16 when the export passed the BF16 gate and the CPU has native "
+                        "BF16, else ort; torch with --ckpt/--random-weights (default: auto, logged)")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="openvino only: inference precision (default fp32; bf16 needs a passing BF16 gate)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="ort/openvino: CPU threads (default: ONNX Runtime's own; openvino: the CPUs this "
+                        "process may run on)")
+    p.add_argument("--force-precision", action="store_true",
+                   help="openvino only: run bf16 on an export without a passing BF16 gate (warned)")
     p.add_argument("--artifacts", metavar="DIR", help="exported task directory (or the export root) for ort/trt")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ckpt", metavar="FILE", help="official checkpoint for the torch backend")
@@ -149,7 +160,11 @@ def _backend_source(args) -> str:
         if not has_ckpt:
             raise SgexError("--backend torch needs --ckpt FILE or --random-weights")
         return "checkpoint"
-    if args.backend in ("ort", "trt"):
+    if args.threads is not None and args.threads < 1:
+        raise SgexError(f"--threads must be >= 1, got {args.threads}")
+    if (args.precision or args.force_precision) and args.backend not in ("auto", "openvino"):
+        raise SgexError(f"--precision/--force-precision apply to --backend openvino, not {args.backend}")
+    if args.backend in ("ort", "trt", "openvino"):
         if has_ckpt:
             raise SgexError(f"--backend {args.backend} runs exported artifacts: give --artifacts DIR, "
                             f"not --ckpt/--random-weights (or use --backend torch)")
@@ -274,10 +289,14 @@ def _engine(args, source: str):
     from runtime.engine import Engine
 
     if source == "artifacts":
-        engine = Engine(args.artifacts, backend=args.backend, device=args.device, task=args.task)
+        engine = Engine(args.artifacts, backend=args.backend, device=args.device, task=args.task,
+                        precision=args.precision, intra_op_threads=args.threads,
+                        force_precision=args.force_precision)
         if args.variant is not None and engine.variant != args.variant:
             raise SgexError(f"{args.artifacts}: artifacts of variant {engine.variant!r}, not {args.variant!r}")
         return engine
+    if args.precision or args.threads or args.force_precision:
+        raise SgexError("--precision/--threads/--force-precision apply to --backend openvino on --artifacts")
     engine = Engine.from_checkpoint(args.task, ckpt=args.ckpt, random_weights=args.random_weights,
                                     device=args.device, width_div=args.width_div, variant=args.variant)
     if args.backend == "auto":  # logged once the engine exists, so a refused input stays one line

@@ -104,10 +104,13 @@ class Engine:
     ({file, sha256, random, seed} of the weights), editing_w (edit: float32 [1, 18, D], unscaled)."""
 
     def __init__(self, artifacts_dir, backend: str = "auto", device: str | None = None, *,
-                 task: str | None = None, intra_op_threads: int | None = None):
+                 task: str | None = None, intra_op_threads: int | None = None, precision: str | None = None,
+                 force_precision: bool = False):
         """Load and verify <artifacts_dir>/manifest.json (every file's sha256; with `task`, the
-        manifest's task must match) and open `backend` ("auto" | "ort" | "trt"); intra_op_threads
-        sizes ONNX Runtime's CPU thread pool (None: its default)."""
+        manifest's task must match) and open `backend` ("auto" | "ort" | "trt" | "openvino");
+        intra_op_threads sizes the CPU thread pool of ONNX Runtime (None: its default) and OpenVINO
+        (None: the process's CPU set). precision ("fp32" | "bf16") and force_precision (BF16
+        without a passing accuracy gate) are the openvino backend's, see runtime/backends/openvino.py."""
         from runtime import backends
 
         d = _task_dir(artifacts_dir, task)
@@ -131,7 +134,8 @@ class Engine:
                 break
         if inputs is None:
             raise SgexError(f"{d}: the manifest has no {graph!r} graph for any bucket")
-        be = backends.create(backend, d, manifest, device, intra_op_threads=intra_op_threads)
+        be = backends.create(backend, d, manifest, device, intra_op_threads=intra_op_threads,
+                             precision=precision, force_precision=force_precision)
         self._setup(spec, manifest.variant, manifest.style_dim, be, manifest=manifest,
                     buckets=manifest.buckets(), inputs=inputs, editing_w=editing_w, artifacts_dir=d)
 

@@ -35,11 +35,14 @@ VERSION = 2  # 2: buckets named by the output side (1: by the input side)
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16")
 FLAVORS = ("portable", "plugin")
+# Optional top-level field: the OpenVINO BF16 accuracy gate written by `sgex-calib --bf16`
+# (calib/bf16.py) and read by runtime/backends/openvino.py.
+BF16_GATE = "openvino_bf16"
 REQUIRED = ("task", "variant", "precision", "flavor", "noise", "style_dim", "n_latent", "inputs",
             "checkpoint", "graphs", "files", "engines", "versions", "created")
 
 __all__ = [
-    "Manifest", "FORMAT", "VERSION", "MANIFEST_NAME", "sha256_file", "graph_key", "parse_graph_key",
+    "Manifest", "FORMAT", "VERSION", "MANIFEST_NAME", "BF16_GATE", "sha256_file", "graph_key", "parse_graph_key",
     "atomic_write_bytes", "atomic_write_text",
 ]
 

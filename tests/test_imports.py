@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("kernels", "export", "runtime", "calib", "bench")
 HEAVY = ("torch", "onnx", "onnxruntime", "onnxscript", "onnxruntime_extensions", "triton", "tensorrt",
-         "polygraphy", "dlib", "scipy", "PIL", "skimage", "av", "ray", "tritonclient")
+         "polygraphy", "dlib", "scipy", "PIL", "skimage", "av", "ray", "tritonclient", "openvino")
 
 BLOCKER = textwrap.dedent(f"""
     import importlib.abc, sys

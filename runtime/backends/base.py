@@ -1,4 +1,4 @@
-"""The one interface every backend implements, so ONNX Runtime, TensorRT and the PyTorch
+"""The one interface every backend implements, so ONNX Runtime, TensorRT, OpenVINO and the PyTorch
 reference are interchangeable and comparable on the same feeds.
 
 Graph keys and I/O names are those of the manifest (runtime/manifest.py):
@@ -25,7 +25,7 @@ import numpy as np
 class Backend(abc.ABC):
     """Runs one exported task's graphs. Construct through `runtime.backends.create`."""
 
-    name: str = ""  # "ort" | "torch" | "trt"
+    name: str = ""  # "ort" | "torch" | "trt" | "openvino"
 
     @abc.abstractmethod
     def run(self, key: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -180,6 +180,47 @@ def test_default_backends_are_the_available_ones_and_logged(caplog):
     assert "backends (all available)" in msg and "skipped trt" in msg
 
 
+def _native_bf16() -> bool:
+    if importlib.util.find_spec("openvino") is None:
+        return False
+    import openvino as ov
+
+    from runtime.backends.openvino import bf16_support
+
+    return bf16_support(ov.Core())[0]
+
+
+@pytest.mark.skipif(not _native_bf16(), reason="needs OpenVINO and a CPU with native BF16")
+def test_openvino_fp32_and_bf16_rows(tmp_path, capsys):
+    """The committed CPU command at tiny size: export, BF16 gate, then the benchmark reads the
+    gated artifacts; openvino-bf16 on an ungated export is a one-line error."""
+    from calib.bf16 import gate_artifacts, write_gate
+    from export.onnx import export_task
+
+    export_task("superres", 32, random_weights=True, width_div=4, seed=0, out=tmp_path, max_batch=1, progress=False)
+    art = ["--artifacts", str(tmp_path)]
+    argv = ["--task", "superres", "--res", "32", *TINY, "--seed", "0", *art]
+    rc, _, err = _run([*argv, "--backends", "torch-official,openvino-bf16"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "BF16 accuracy report" in err, err
+    record, _ = gate_artifacts(tmp_path / "superres", samples=1, threads=1)
+    write_gate(tmp_path / "superres", record)
+    js = tmp_path / "r.json"
+    rc, out, err = _run([*argv, "--backends", "torch-official,ort,openvino-fp32,openvino-bf16", "--json", str(js)],
+                        capsys)
+    assert rc == 0, err
+    r = json.loads(js.read_text())
+    assert r["backends"] == ["torch-official", "ort", "openvino-fp32", "openvino-bf16"]
+    assert r["versions"]["openvino"]
+    rows = r["runs"][0]["backends"]
+    assert rows["openvino-fp32"]["precision"] == "fp32" and rows["openvino-bf16"]["precision"] == "bf16"
+    assert rows["openvino-fp32"]["settings"]["synth@32"]["config"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert rows["openvino-bf16"]["settings"]["synth@32"]["config"]["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert rows["openvino-fp32"]["accuracy"]["rel_max_abs_diff"] <= REL_TOL["ort"]
+    assert rows["openvino-bf16"]["accuracy"]["finite"]
+    assert rows["openvino-bf16"]["accuracy"]["psnr_ref_range_db"] >= 30  # vs the FP32 baseline, end to end
+    assert "openvino-bf16" in out
+
+
 def test_video_mode_end_to_end_on_both_libraries(tmp_path, capsys):
     """decode + model + encode through runtime.video, serial and pipelined, OpenCV and PyAV: every
     field present and consistent with its raw timings (no assertion on speed: shared machines)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from export.engine import add_engine_args, maybe_build  # tensorrt is imported only when building
 from export.onnx import DEFAULT_OPSET  # export.onnx imports torch/onnx only inside functions
-from runtime._cli import run_main, setup_logging
+from runtime._cli import Parser, run_main, setup_logging
 from runtime.buckets import DEFAULT_MAX_BATCH
 from runtime.errors import SgexError
 from runtime.tasks import TASKS
@@ -45,16 +45,8 @@ a bucket (same checkpoint, precision and flavor required).
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line (prog: error: ...), exit 2, like every other sgex user error."""
-
-    def error(self, message):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1], epilog=EPILOG,
+    p = Parser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1], epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, metavar="TASK", help=f"one of: {', '.join(TASKS)}")
     p.add_argument("--res", type=int, required=True, metavar="N",

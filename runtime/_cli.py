@@ -10,8 +10,10 @@ SIGTERM/SIGHUP are ignored so the clean-up itself is not cut short (SIGKILL stil
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -22,7 +24,8 @@ from runtime.errors import SgexError
 USER_ERRORS = (SgexError, FileNotFoundError, IsADirectoryError, PermissionError, ValueError, KeyError)
 TERMINATION_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 
-__all__ = ["USER_ERRORS", "TERMINATION_SIGNALS", "Terminated", "setup_logging", "terminate_raises",
+__all__ = ["USER_ERRORS", "TERMINATION_SIGNALS", "Terminated", "Parser", "setup_logging", "quiet_native_libraries",
+           "terminate_raises",
            "one_line", "run_main"]
 
 
@@ -38,12 +41,34 @@ class Terminated(KeyboardInterrupt):
         return signal.Signals(self.signum).name
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line (`prog: error: ...`), exit 2, like every other sgex user error."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {' '.join(message.split())}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def setup_logging(verbose: bool = False) -> None:
+    """sgex's log lines on stderr (DEBUG with -v); native libraries quiet unless -v."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not verbose:
+        quiet_native_libraries()
+
+
+def quiet_native_libraries() -> None:
+    """Keep OpenCV's own warnings (truncated PNG, codec probing) and its FFmpeg's messages off
+    stderr: a bad input must produce exactly one line, sgex's. Set before they load, through
+    their environment variables (a value the user set wins), and on an already-imported cv2."""
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    cv2 = sys.modules.get("cv2")
+    if cv2 is not None and os.environ["OPENCV_LOG_LEVEL"] == "SILENT":
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 
 @contextlib.contextmanager

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.tasks import ALIGNED_SIZE, SIZE_MULTIPLE
+from runtime.tasks import ALIGNED_SIZE, OUTPUT_SCALE, SIZE_MULTIPLE
 
 DEFAULT_LADDER = (256, 512, 768, 1024)
 DEFAULT_MAX_BATCH = 4
 MIN_SIDE = SIZE_MULTIPLE
+# The largest bucket side (x1 1024 -> output 4096). Its export traces the model at full size and
+# its output layers hold 32 x 4096 x 4096 float32 activations (2 GiB each), at the limit of a
+# 16-32 GiB machine; beyond it, an export would run out of memory or disk part-way.
+MAX_SIDE = 1024
 
 
 @dataclass(frozen=True)
@@ -51,11 +55,15 @@ class Bucket:
         return {"min": (1, a, a), "opt": (opt_batch, a, a), "max": (self.max_batch, a, a)}
 
 
-def check_side(side: int) -> int:
+def check_side(side: int, what: str = "--res") -> int:
+    """`side` if it is a bucket side sgex can export and run; ValueError naming `what` otherwise."""
     if not isinstance(side, int) or side < MIN_SIDE or side % SIZE_MULTIPLE:
         raise ValueError(
-            f"--res must be a multiple of {SIZE_MULTIPLE} and at least {MIN_SIDE}, got {side}"
+            f"{what} must be a multiple of {SIZE_MULTIPLE} and at least {MIN_SIDE}, got {side}"
         )
+    if side > MAX_SIDE:
+        raise ValueError(f"{what} must be at most {MAX_SIDE} (output {MAX_SIDE * OUTPUT_SCALE}x"
+                         f"{MAX_SIDE * OUTPUT_SCALE}, the largest bucket sgex exports), got {side}")
     return side
 
 

@@ -26,6 +26,7 @@ applies -scale instead (spec 8.14), so a web-UI slider value s is edit_scale = -
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 from pathlib import Path
@@ -78,7 +79,7 @@ def make_random_inputs(seed: int | Sequence[int], batch: int, height: int, width
     return out
 
 
-def _task_dir(artifacts_dir, task: str | None) -> Path:
+def task_dir(artifacts_dir, task: str | None) -> Path:
     """Accept the task directory itself or the export root holding <task>/manifest.json."""
     d = Path(artifacts_dir)
     if not d.is_dir():
@@ -100,19 +101,19 @@ class Engine:
         manifest's task must match) and open `backend` ("auto" | "ort" | "trt")."""
         from runtime import backends
 
-        d = _task_dir(artifacts_dir, task)
+        d = task_dir(artifacts_dir, task)
         manifest = Manifest.load(d, task=task)
         manifest.verify(d)
-        if (manifest.checkpoint or {}).get("random"):
-            log.warning("%s was exported from RANDOM weights (seed %s): outputs are noise; export "
-                        "with --ckpt for real results", d, manifest.checkpoint.get("seed"))
         spec = get_task(manifest.task)
         editing_w = None
         if spec.editing:
-            path = d / "editing_w.npy"
             if "editing_w.npy" not in manifest.files:
                 raise SgexError(f"{d}: the edit export lacks editing_w.npy in its manifest")
-            editing_w = np.load(path, allow_pickle=False)
+            data = manifest.read_verified(d, "editing_w.npy", kind="file")
+            try:
+                editing_w = np.load(io.BytesIO(data), allow_pickle=False)
+            except ValueError as e:
+                raise SgexError(f"{d / 'editing_w.npy'}: not a numpy array file ({e})") from None
         graph = spec.graphs[-1]
         inputs = None
         for key, g in manifest.graphs.items():
@@ -122,6 +123,9 @@ class Engine:
         if inputs is None:
             raise SgexError(f"{d}: the manifest has no {graph!r} graph for any bucket")
         be = backends.create(backend, d, manifest, device)
+        if manifest.checkpoint.get("random"):  # after every check that can refuse the directory
+            log.warning("%s was exported from RANDOM weights (seed %s): outputs are noise; export "
+                        "with --ckpt for real results", d, manifest.checkpoint.get("seed"))
         self._setup(spec, manifest.variant, manifest.style_dim, be, manifest=manifest,
                     buckets=manifest.buckets(), inputs=inputs, editing_w=editing_w, artifacts_dir=d)
 

@@ -345,6 +345,8 @@ def task_image(image: np.ndarray, task: Task, what: str = "input") -> np.ndarray
 
     RGB tasks: uint8 [H, W, 3]. sketch2face: uint8 [H, W] (channel 0 of an RGB image, as the
     official web UI does). mask2face: uint8 label map [H, W] with values < 19."""
+    if not isinstance(image, np.ndarray):
+        raise SgexError(f"{what}: expected a numpy uint8 image, got {type(image).__name__}")
     if image.dtype != np.uint8:
         raise SgexError(f"{what}: dtype must be uint8, got {image.dtype}")
     if image.ndim not in (2, 3):

@@ -136,7 +136,9 @@ def _typed(where: str, entry: dict, fields: dict, required=()) -> None:
     for name, types in fields.items():
         if name in entry and not _is(entry[name], types):
             want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise SgexError(f"{where}.{name} must be {want}, got {type(entry[name]).__name__} {entry[name]!r}")
+            value = entry[name]
+            shown = f" {value!r}"[:40] if isinstance(value, (str, int, float, type(None))) else ""
+            raise SgexError(f"{where}.{name} must be {want}, got {type(value).__name__}{shown}")
 
 
 def _sha(where: str, value: str | None) -> None:

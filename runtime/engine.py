@@ -160,7 +160,7 @@ class Engine:
         require("torch", "torch", "PyTorch")
         from export.checkpoint import build_model, load_or_random
 
-        from runtime.backends.torch_backend import TorchBackend
+        from runtime.backends.torch_backend import TorchBackend, resolve_device
 
         spec = get_task(task)
         if ckpt is not None and not isinstance(ckpt, (str, os.PathLike)):
@@ -173,6 +173,8 @@ class Engine:
             raise SgexError(f"device must be None, 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         if variant is not None:
             spec.variant(variant)  # UnknownName (an SgexError) naming the variants
+        if device is not None:
+            resolve_device(device)  # a missing CUDA device is refused before the weights load
         loaded = load_or_random(task, ckpt, random_weights, seed=seed, width_div=width_div,
                                 variant=variant if random_weights else None)
         if variant is not None and loaded.variant != variant:

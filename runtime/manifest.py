@@ -146,6 +146,15 @@ def _sha(where: str, value: str | None) -> None:
         raise SgexError(f"{where} is not a sha256 (64 lowercase hex digits): {value!r}")
 
 
+def _file_entry(where: str, entry, fields: dict, required, what: str) -> None:
+    """A graph or engine entry: an object with typed fields, a safe file path and a sha256."""
+    if not isinstance(entry, dict):
+        raise SgexError(f"{where} must be an object, got {type(entry).__name__}")
+    _typed(where, entry, fields, required)
+    _safe_relpath(entry["file"], what)
+    _sha(f"{where}.sha256", entry["sha256"])
+
+
 def _check_io(where: str, got: list, want: dict[str, list]) -> None:
     for i, t in enumerate(got):
         if not isinstance(t, dict):
@@ -209,11 +218,7 @@ def check_schema(d, source: str = "manifest") -> None:
         if name not in spec.graphs or (name == "style") != (side is None):
             shown = ", ".join("style" if n == "style" else f"{n}@<side>" for n in spec.graphs)
             raise SgexError(f"{where}: task {spec.name!r} has no such graph (its graphs: {shown})")
-        if not isinstance(g, dict):
-            raise SgexError(f"{where} must be an object, got {type(g).__name__}")
-        _typed(where, g, GRAPH_FIELDS, GRAPH_REQUIRED)
-        _safe_relpath(g["file"], f"graph {key!r}")
-        _sha(f"{where}.sha256", g["sha256"])
+        _file_entry(where, g, GRAPH_FIELDS, GRAPH_REQUIRED, f"graph {key!r}")
         if g.get("graph", name) != name:
             raise SgexError(f"{where}.graph is {g['graph']!r}, not {name!r}")
         b = g.get("bucket")
@@ -243,11 +248,7 @@ def check_schema(d, source: str = "manifest") -> None:
         where = f"{source}: engines[{key!r}]"
         if key not in d["graphs"]:
             raise SgexError(f"{where}: an engine of no graph in the manifest")
-        if not isinstance(e, dict):
-            raise SgexError(f"{where} must be an object, got {type(e).__name__}")
-        _typed(where, e, ENGINE_FIELDS, ENGINE_REQUIRED)
-        _safe_relpath(e["file"], f"engine {key!r}")
-        _sha(f"{where}.sha256", e["sha256"])
+        _file_entry(where, e, ENGINE_FIELDS, ENGINE_REQUIRED, f"engine {key!r}")
 
 
 @dataclass

@@ -610,3 +610,12 @@ def test_unknown_names_are_sgex_errors_and_key_errors():
     assert isinstance(e.value, KeyError) and str(e.value).startswith("unknown task 'colorize'")
     with pytest.raises(KeyError):
         get_task("superres").variant("sr64")
+
+
+def test_torch_cuda_missing_refused_before_weights_load(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    line = one_error_line(sgex("runtime.cli", *TORCH_SR, "--device", "cuda", "--input",
+                               str(png(tmp_path / "i.png", (8, 8, 3))), "--output", str(tmp_path / "o.png")))
+    assert "no CUDA device" in line

@@ -14,6 +14,16 @@ Backends (each only if available; one named explicitly that is not available is 
 Modes: "image" times style + synth per image (batch); "video" times style once per clip and synth
 per frame (the baseline recomputes the style per frame, as the official video script does).
 
+End to end (video mode, sgex's backends): a synthetic clip of --frames frames at the bucket's size
+(seeded noise, 25 fps; H.264 + an AAC tone when PyAV is installed, else OpenCV mp4v) goes through
+`runtime.video.run_video` exactly as `sgex-run` runs it: decode, `Engine.process_video` in batches
+of --batch, encode (PyAV: libx264 at the default CRF with the audio copied; OpenCV: mp4v). Each
+library is timed serially (one thread, stage after stage) and pipelined (decode and encode threads
+around the engine), alternating, --iters clips each after one untimed clip; frames/s beside the
+model-only frames/s of the same backend (the graphs called directly, above) and the engine-only
+frames/s (Engine.process_video on the clip's frames already in memory), and the pipelined speed-up
+over the serial loop.
+
 Timing: warm-up calls are excluded; CPU uses time.perf_counter; CUDA times the torch backends with
 CUDA events and synchronizes after every call; ort/trt on CUDA take and return host arrays, so they
 are timed as synchronized wall time (the JSON names the timer of every backend). Every raw timing,
@@ -84,6 +94,8 @@ class BenchConfig:
     seed: int = 0
     width_div: int = 1  # channel divisor of random weights (tests use 4)
     command: str | None = None  # the command line, recorded in the JSON
+    faces_photo: str | None = None  # time the face stages (runtime.faces) per frame on this photo
+    end_to_end: bool = True  # video mode: also time decode + model + encode (runtime.video), serial and pipelined
 
     def check(self) -> None:
         get_task(self.task)
@@ -102,6 +114,8 @@ class BenchConfig:
             raise SgexError(f"--device must be cpu or cuda, got {self.device!r}")
         if (self.ckpt is None) == (not self.random_weights):
             raise SgexError("give exactly one of --ckpt FILE or --random-weights")
+        if self.faces_photo is not None and not Path(self.faces_photo).is_file():
+            raise SgexError(f"--faces-photo {self.faces_photo}: no such file")
         if self.backends is not None:
             unknown = [b for b in self.backends if b not in BACKENDS]
             if unknown:
@@ -701,10 +715,14 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         for res in cfg.res:
             runs.append(_bench_bucket(cfg, backends, task, res, model, fp16_model, artifacts, editing_w,
                                       noise, ck))
+        faces = None
+        if cfg.faces_photo is not None:
+            faces = bench_face_stages(cfg.faces_photo, cfg.iters, cfg.warmup)
     finally:
         tmp.cleanup()
 
     return {
+        "faces": faces,
         "format": FORMAT, "version": VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": cfg.command,
@@ -727,6 +745,47 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                            f"and with the baseline's own range as peak",
         "runs": runs,
     }
+
+
+def bench_face_stages(photo: str, iters: int, warmup: int) -> dict:
+    """Per-frame wall time (perf_counter, CPU) of the face pipeline's stages on one photo, the best
+    face: detect (dlib detector + 68 landmarks on the frame); crop_align (crop params, the official
+    resize + crop, the re-detection on the crop that align_face runs, FFHQ alignment); paste_back
+    (the bicubic canvas at the output scale + the feathered blend of a 4x face output; the blend
+    does not depend on the pixels, so a constant output stands in for the model's). A video in the
+    default (first-frame) mode pays crop only per frame; with --track, detect + crop."""
+    import numpy as np
+
+    from runtime import faces as F
+    from runtime import io as rio
+
+    frame = rio.read_image(photo)
+    if frame.ndim != 3 or frame.shape[2] != 3:
+        raise SgexError(f"--faces-photo {photo}: needs an RGB photo")
+    found = F.detect(frame)
+    if not found:
+        raise SgexError(f"--faces-photo {photo}: no face found")
+    params = F.crop_params(frame.shape, found[0])
+    h, w = params.size
+    face_out = np.full((4 * h, 4 * w, 3), 128, np.uint8)
+    times: dict[str, list[float]] = {"detect": [], "crop_align": [], "crop": [], "paste_back": []}
+    for i in range(warmup + iters):
+        t0 = time.perf_counter()
+        F.detect(frame)
+        t1 = time.perf_counter()
+        x1 = F.crop(frame, F.crop_params(frame.shape, found[0]))
+        t2 = time.perf_counter()
+        F.align(x1, F.crop_landmarks(x1, params, found[0]))
+        t3 = time.perf_counter()
+        canvas = F.paste_canvas(frame, params)
+        F.paste_back(canvas, face_out, F.paste_box(params, frame.shape, canvas.shape))
+        t4 = time.perf_counter()
+        if i >= warmup:
+            for k, dt in (("detect", t1 - t0), ("crop", t2 - t1), ("crop_align", t3 - t1), ("paste_back", t4 - t3)):
+                times[k].append(dt * 1e3)
+    return {"photo": str(photo), "frame": list(frame.shape[:2]), "crop": [h, w],
+            "output_frame": [4 * params.h, 4 * params.w], "timer": "time.perf_counter (CPU wall)",
+            "stages": {k: summarize(v) for k, v in times.items()}}
 
 
 def _bench_bucket(cfg, backends, task, res, model, fp16_model, artifacts, editing_w, noise, ck) -> dict:
@@ -808,7 +867,159 @@ def _bench_bucket(cfg, backends, task, res, model, fp16_model, artifacts, editin
         if base_p50 is not None:
             row["speedup_vs_baseline"] = base_p50 / row["latency"]["p50_ms"]
             row["time_ratio_vs_baseline"] = row["latency"]["p50_ms"] / base_p50
+    if cfg.mode == "video" and cfg.end_to_end:
+        result["end_to_end"] = bench_end_to_end(cfg, backends, task, res, artifacts, rows)
     return result
+
+
+# -- end to end (video mode) -----------------------------------------------------------------------
+
+E2E_LIBS = ("opencv", "av")
+E2E_FPS = 25
+
+
+def make_clip(path: str, res: int, frames: int, seed: int, lib: str) -> dict:
+    """The end-to-end clip: `frames` seeded-noise RGB frames res x res at E2E_FPS; PyAV: H.264
+    (crf 18) with an AAC 440 Hz tone as long as the video; OpenCV: mp4v, no audio."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 3])
+    images = (rng.integers(0, 256, (res, res, 3), dtype=np.uint8) for _ in range(frames))
+    if lib == "opencv":
+        import cv2
+
+        vw = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), E2E_FPS, (res, res))
+        for img in images:
+            vw.write(img)
+        vw.release()
+        return {"frames": frames, "size": [res, res], "fps": E2E_FPS, "video": "mp4v (OpenCV)", "audio": None}
+    from runtime.video import write_test_clip
+
+    write_test_clip(path, images, E2E_FPS, crf=18, tone_s=frames / E2E_FPS)
+    return {"frames": frames, "size": [res, res], "fps": E2E_FPS, "video": "h264 crf 18 (PyAV)",
+            "audio": "aac 44.1 kHz mono tone"}
+
+
+def _e2e_engine(cfg: BenchConfig, name: str, artifacts: str | None):
+    from runtime.engine import Engine
+
+    if name == "torch":
+        return Engine.from_checkpoint(cfg.task, ckpt=cfg.ckpt, random_weights=cfg.random_weights,
+                                      device=cfg.device, seed=cfg.seed, width_div=cfg.width_div)
+    return Engine(artifacts, backend=name, device=cfg.device, task=cfg.task)
+
+
+def time_end_to_end(engine, clip: str, out: str, lib: str, batch: int, warmup: int, iters: int) -> dict:
+    """Wall ms per clip of run_video (decode + engine.process_video + encode), serial and
+    pipelined alternating; one untimed pipelined clip first when warmup > 0."""
+    from runtime.video import VideoReader, resolve_encoding, run_video
+
+    def once(pipelined: bool) -> tuple[float, int, str]:
+        reader = VideoReader(clip, lib=lib)
+        enc = resolve_encoding(out, lib, source=reader.info)
+        t0 = time.perf_counter()
+        n = run_video(reader, out, lambda fr: engine.process_video(fr, batch_size=batch), encoding=enc,
+                      pipelined=pipelined, queue_frames=2 * batch, progress=False)
+        return (time.perf_counter() - t0) * 1e3, n, enc.describe()
+
+    if warmup:
+        once(True)
+    ms: dict[str, list[float]] = {"serial": [], "pipelined": []}
+    for _ in range(iters):
+        for mode in ms:
+            t, n, encoder = once(mode == "pipelined")
+            ms[mode].append(t)
+    s, p = summarize(ms["serial"]), summarize(ms["pipelined"])
+    return {"encoder": encoder, "frames": n, "serial": s, "pipelined": p,
+            "serial_fps": n * 1e3 / s["p50_ms"], "pipelined_fps": n * 1e3 / p["p50_ms"],
+            "pipelined_speedup": s["p50_ms"] / p["p50_ms"], "raw_ms": ms}
+
+
+def time_engine_only(engine, clip: str, batch: int, warmup: int, iters: int) -> dict:
+    """The same engine on the clip's frames decoded beforehand into memory (no decode, no
+    encode): Engine.process_video alone, so end to end minus this is the video I/O's cost."""
+    from runtime.video import VideoReader
+
+    frames = list(VideoReader(clip))
+    for _ in range(min(warmup, 1)):
+        list(engine.process_video(iter(frames), batch_size=batch))
+    ms = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        list(engine.process_video(iter(frames), batch_size=batch))
+        ms.append((time.perf_counter() - t0) * 1e3)
+    s = summarize(ms)
+    return {"latency": s, "fps": len(frames) * 1e3 / s["p50_ms"], "raw_ms": ms}
+
+
+def bench_end_to_end(cfg: BenchConfig, backends: list[str], task, res: int, artifacts: str | None,
+                     rows: dict) -> dict:
+    """End-to-end frames/s of every sgex backend on both video libraries (module doc)."""
+    from runtime.video import resolve_lib
+
+    if task.input_kind == "mask":
+        log.info("end to end: skipped for %s (a video frame is not a label map)", task.name)
+        return {"skipped": f"{task.name} takes label maps, not video frames"}
+    libs: dict[str, str | None] = {}
+    for lib in E2E_LIBS:
+        try:
+            resolve_lib(lib)
+            libs[lib] = None
+        except SgexError as e:
+            libs[lib] = str(e)
+            log.warning("end to end on %s skipped: %s", lib, e)
+    out: dict = {"clip": None, "batch": cfg.batch, "libs": {}, "backends": {}}
+    with tempfile.TemporaryDirectory(prefix="sgex-bench-video-") as d:
+        clip_lib = "av" if libs["av"] is None else "opencv"
+        clip = os.path.join(d, "clip.mp4")
+        out["clip"] = make_clip(clip, res, cfg.frames, cfg.seed, clip_lib)
+        for name in backends:
+            if name == BASELINE:
+                continue
+            engine = _e2e_engine(cfg, name, artifacts)
+            lat = rows[name]["latency"]
+            entry = {"model_fps": cfg.frames * cfg.batch * 1e3 / lat["p50_ms"]}  # images per clip call
+            try:
+                entry["engine_only"] = time_engine_only(engine, clip, cfg.batch, cfg.warmup, cfg.iters)
+                for lib, why in libs.items():
+                    if why is not None:
+                        entry[lib] = {"skipped": why}
+                        continue
+                    log.info("bucket %d: %s end to end on %s (serial and pipelined)", res, name, lib)
+                    entry[lib] = time_end_to_end(engine, clip, os.path.join(d, f"out-{lib}.mp4"), lib,
+                                                 cfg.batch, cfg.warmup, cfg.iters)
+            finally:
+                engine.close()
+            out["backends"][name] = entry
+    out["libs"] = {lib: why or "ok" for lib, why in libs.items()}
+    return out
+
+
+def format_end_to_end(e2e: dict) -> list[str]:
+    if "skipped" in e2e:
+        return [f"end to end: skipped ({e2e['skipped']})"]
+    c = e2e["clip"]
+    lines = [f"end to end (decode + model + encode, batch {e2e['batch']}), clip {c['frames']} frames "
+             f"{c['size'][0]}x{c['size'][1]} {c['video']}, audio {c['audio']}:"]
+    rows = [("backend", "video lib", "encoder", "serial fps", "pipelined fps", "speed-up", "engine-only fps",
+             "model-only fps")]
+    for name, entry in e2e["backends"].items():
+        for lib in E2E_LIBS:
+            r = entry.get(lib, {})
+            if "skipped" in r:
+                rows.append((name, lib, "skipped", "-", "-", "-", f"{entry['engine_only']['fps']:.2f}",
+                             f"{entry['model_fps']:.2f}"))
+                continue
+            rows.append((name, lib, r["encoder"], f"{r['serial_fps']:.2f}", f"{r['pipelined_fps']:.2f}",
+                         f"{r['pipelined_speedup']:.2f}x", f"{entry['engine_only']['fps']:.2f}",
+                         f"{entry['model_fps']:.2f}"))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        lines.append("  " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths)))
+    lines.append("  (fps from the p50 wall time per clip; speed-up = serial p50 / pipelined p50; engine-only = "
+                 "Engine.process_video on the clip's frames in memory, no decode or encode; model-only = the "
+                 "backend's clip latency p50 above, graphs called directly)")
+    return lines
 
 
 # -- reporting ------------------------------------------------------------------------------------
@@ -855,6 +1066,16 @@ def format_table(result: dict) -> str:
         lines.append(f"({what}; thrpt in {unit}; speedup = baseline p50 / backend p50; peak MB = process "
                      f"peak during the backend, +MB = above the memory at its start; rel = max|diff| / "
                      f"max|baseline| = {ref:.3g}; PSNR peak {PSNR_PEAK:g})")
+        if run.get("end_to_end"):
+            lines.extend(format_end_to_end(run["end_to_end"]))
+    faces = result.get("faces")
+    if faces:
+        st = faces["stages"]
+        lines.append(f"face stages per frame on {faces['photo']} ({faces['frame'][1]}x{faces['frame'][0]}, crop "
+                     f"{faces['crop'][1]}x{faces['crop'][0]}, paste-back frame {faces['output_frame'][1]}x"
+                     f"{faces['output_frame'][0]}), p50 ms beside the model's p50 above: detect "
+                     f"{st['detect']['p50_ms']:.1f}, crop/align {st['crop_align']['p50_ms']:.1f} (crop alone "
+                     f"{st['crop']['p50_ms']:.1f}), paste-back {st['paste_back']['p50_ms']:.1f}")
     return "\n".join(lines)
 
 
@@ -923,8 +1144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of inputs, noise and random weights")
     p.add_argument("--width-div", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--faces-photo", metavar="PHOTO",
+                   help="also time the face stages per frame (detect, crop/align, paste-back; needs sgex[faces]) "
+                        "on this photo, e.g. examples/astronaut.png")
     p.add_argument("--json", help="write the full result (atomic)")
     p.add_argument("--plot", help="write a latency chart (PNG; needs matplotlib)")
+    p.add_argument("--no-end-to-end", action="store_true",
+                   help="video mode: skip the decode + model + encode timing (OpenCV and PyAV, serial and pipelined)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -939,7 +1165,8 @@ def main(argv: list[str] | None = None) -> int:
             task=args.task, res=tuple(args.res), backends=args.backends, batch=args.batch,
             frames=args.frames, iters=args.iters, warmup=args.warmup, mode=args.mode, ckpt=args.ckpt,
             random_weights=args.random_weights, artifacts=args.artifacts, device=args.device,
-            seed=args.seed, width_div=args.width_div, command=shlex.join(["sgex-bench", *argv]))
+            seed=args.seed, width_div=args.width_div, faces_photo=args.faces_photo, command=shlex.join(["sgex-bench", *argv]),
+            end_to_end=not args.no_end_to_end)
         result = run_benchmark(cfg)
         print(format_table(result))
         if args.json:

@@ -5,6 +5,13 @@ from the FP16 ONNX that export.onnx writes from the precision plan (its FP32 isl
 and no builder precision flag is set. TensorRT 10 (>= 10.9) builds the same graph strongly typed
 too (the STRONGLY_TYPED network flag; TensorRT 11 accepts or drops it, typing is unconditional).
 
+TF32: off. Polygraphy's CreateConfig leaves TensorRT's TF32 flag cleared unless asked, and sgex
+asks explicitly (`TF32 = False`) so that no Polygraphy default decides it: the FP32 layers of an
+sgex graph are FP32 on purpose (the precision plan's islands in FP16 graphs, and `--precision
+fp32` engines, which are the accuracy reference), and TF32's 10-bit mantissa would change them
+by about 1e-3 relative. The fused plugin computes its FP32 path with 3xTF32 (FP32 accuracy)
+either way.
+
 Each engine gets one optimization profile derived from the bucket table (runtime/buckets.py):
 min = batch 1 at 32x32, opt = `opt_batch` at the bucket side, max = the bucket's max batch at the
 bucket side; every input's dims follow from (batch, height, width): x1/x/x2 [B, C, H, W],
@@ -51,6 +58,7 @@ AUTO, NONE = "auto", "none"
 IMAGE_INPUTS = ("x1", "x", "x2")  # [B, C, H, W]; H, W from the profile
 NOISE_INPUT = re.compile(r"noise_(\d+)")  # [B, 1, h_j, w_j]
 PLUGIN_MODES = ("aot", "jit")
+TF32 = False  # FP32 layers stay FP32 (module docstring)
 _LEVELS = ("min", "opt", "max")
 
 
@@ -197,9 +205,19 @@ def _register_plugin() -> None:
 
     try:
         trt_plugin.register()
-    except trt_plugin.TensorRTMissing as e:
+    except trt_plugin.PluginUnavailable as e:
         raise SgexError(str(e)) from None
     log.info("TensorRT plugin %s registered", trt_plugin.PLUGIN_ID)
+
+
+def _require_jit_plugin() -> None:
+    """A JIT plugin (aot=0) runs its kernel through torch while TensorRT times tactics."""
+    from kernels import trt_plugin
+
+    try:
+        trt_plugin.require_jit_runtime()
+    except trt_plugin.PluginUnavailable as e:
+        raise SgexError(str(e)) from None
 
 
 def plugin_mode(aot_values) -> str | None:
@@ -288,6 +306,8 @@ def build_engines(task_dir, workspace_gb: float | None = None, timing_cache: str
         for name, s in shapes.items():
             profile.add(name, min=s["min"], opt=s["opt"], max=s["max"])
         plugin = plugin_mode(_onnx_aot_values(onnx_path)) if manifest.flavor == "plugin" else None
+        if plugin == "jit":
+            _require_jit_plugin()
         network = poly_trt.network_from_onnx_path(str(onnx_path), strongly_typed=strongly_typed or None)
         n_plugins = _count_plugin_layers(trt, network[1])
         if bool(n_plugins) != (plugin is not None):
@@ -296,7 +316,7 @@ def build_engines(task_dir, workspace_gb: float | None = None, timing_cache: str
                             f"re-export the task")
         limits = {trt.MemoryPoolType.WORKSPACE: int(workspace_gb * (1 << 30))} if workspace_gb else None
         config = poly_trt.CreateConfig(
-            profiles=[profile], memory_pool_limits=limits,
+            profiles=[profile], memory_pool_limits=limits, tf32=TF32,
             load_timing_cache=str(cache) if cache is not None and cache.is_file() else None)
         log.info("building %s (%s, %d plugin layers)", key, manifest.precision, n_plugins)
         data = bytes(poly_trt.engine_bytes_from_network(

@@ -15,14 +15,26 @@ Registered with the quickly-deployable plugin API (`tensorrt.plugin`, TensorRT >
 
 The ONNX node (kernels/onnx_op.py) carries the attributes dilation, padding, demodulate, activate,
 has_noise, has_bias (ints) and plugin_namespace="sgex", aot=1, which the TensorRT ONNX parser
-consumes. TensorRT's AOT path calls aot_impl with the attribute values positionally, in the order
-of the node's attributes, so exported graphs must go through onnx_op.canonicalize_attributes
-(the order above, which is the order of the parameters here). All six inputs are always present
-(placeholders when has_noise / has_bias are 0).
+consumes. How the six ints reach this module (onnx-tensorrt's plugin importer and TensorRT's
+`tensorrt.plugin` template code): the parser walks the creator's declared field names, which are
+the attribute parameters of the @trtp.register function in declaration order, looks each one up
+in the node by name, and passes an INT attribute as a one-element int32 array (an attribute
+missing from the node is skipped with a warning). TensorRT's template then calls aot_impl with
+every field positionally, in that declared order, so the order of the node's attributes does not
+matter, but a missing one would shift every later argument: every node must carry all six, which
+onnx_op.canonicalize_attributes checks. The attributes are declared `npt.NDArray[np.int32]`, as
+NVIDIA's quickly_deployable_plugins sample does, and read with `_attr_int`: TensorRT 10.9 to 11.1
+convert an int-annotated field with int() on the whole array, which NumPy >= 2.4 refuses. All six
+inputs are always present (placeholders when has_noise / has_bias are 0).
 
-The PTX is compiled for the GPU building the engine (`torch.cuda.get_device_capability()`); for
-Hopper Triton emits `.target sm_90a`, which runs on sm_90 parts only -- TensorRT engines are tied
-to the GPU they were built on anyway.
+What a plugin build needs besides the trt extra: triton and torch (the AOT path compiles the
+kernel with triton.compile; kernels.modconv_triton imports torch, a CPU build is enough), and for
+the JIT path (aot=0) a CUDA build of torch, which runs the kernel at inference time.
+`register()` and `require_jit_runtime()` say so in one line (`PluginUnavailable`).
+
+The PTX is compiled for the GPU building the engine (the current CUDA device, read with
+cuda-python, which the trt extra installs); for Hopper Triton emits `.target sm_90a`, which runs
+on sm_90 parts only -- TensorRT engines are tied to the GPU they were built on anyway.
 
 Triton's hidden kernel parameters. Since Triton 3.3 every compiled kernel takes a trailing
 `global_scratch` pointer, and since 3.5 also `profile_scratch`; Triton's own launcher appends them,
@@ -37,24 +49,33 @@ parameters TensorRT passes. A kernel that does need scratch is refused with an e
 
 What was run where: the PTX generation (triton.compile for a CUDA target works without a GPU),
 the parameter stripping and the assembly of the stripped PTX with Triton's bundled ptxas are
-tested on CPU. Nothing that needs TensorRT was executed in this project: the engine build/run tests
-(marked `trt`) are written to be run by a TensorRT user and skip elsewhere.
+tested on CPU. `register()` and the shape, format, tactic and AOT launch functions are run on CPU
+through TensorRT's own `tensorrt.plugin` code (tensorrt-cu13-bindings 11.4) loaded with stand-in
+native libraries (tests/kernels/test_trt_plugin_standin.py: it proves that TensorRT's validation
+and template code accept these definitions, not that an engine builds). No engine was built in this
+project: the engine build/run tests (marked `trt`) are written to be run by a TensorRT user and
+skip elsewhere.
 
 `register()` imports tensorrt; it is called by the engine builder and by an app that deserializes
 an engine built with the JIT path (aot=0). Nothing here is imported by `kernels/__init__`.
 """
 
-# No `from __future__ import annotations` here: tensorrt.plugin reads the register function's
-# annotations as objects (trtp.TensorDesc, int).
+# No `from __future__ import annotations` here: tensorrt.plugin reads the annotations of the
+# decorated functions as objects (trtp.TensorDesc, npt.NDArray[np.int32], the aot_impl return).
+import functools
 import re
 import threading
 from dataclasses import dataclass
+from typing import Tuple, Union
 
 __all__ = [
     "PLUGIN_ID",
     "AOT_CONFIGS",
+    "PluginUnavailable",
     "TensorRTMissing",
+    "PluginDepsMissing",
     "register",
+    "require_jit_runtime",
     "kernel_signature",
     "compile_ptx",
     "strip_hidden_params",
@@ -67,6 +88,7 @@ PLUGIN_NAMESPACE = "sgex"
 PLUGIN_NAME = "FusedModulatedConv2d"  # = kernels.onnx_op.OP_TYPE (the parser matches op_type to it)
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 INSTALL_HINT = "pip install -c constraints.txt 'sgex[trt]'"  # kernels imports nothing from sgex
+PLUGIN_DEPS_HINT = "pip install -c constraints.txt 'sgex[trt,triton,torch]'"
 
 # Tactics of the plugin: tile configs compiled ahead of time. Shared memory stays under the
 # 48 KiB a kernel may use without cuFuncSetAttribute (TensorRT's AOT launcher sets no attributes);
@@ -82,14 +104,23 @@ MAX_STATIC_SHARED = 48 * 1024
 
 _lock = threading.Lock()
 _registered = False
+_failed: str | None = None  # why the one registration attempt of this process failed
 
 
-class TensorRTMissing(ImportError):
+class PluginUnavailable(ImportError):
+    """Something the plugin needs is not importable (one line, with the install command)."""
+
+
+class TensorRTMissing(PluginUnavailable):
     """TensorRT (with the tensorrt.plugin module, >= 10.9) is not importable."""
 
     def __init__(self, detail: str = ""):
         super().__init__(f"TensorRT >= 10.9 with tensorrt.plugin is not installed ({INSTALL_HINT})"
                          + (f": {detail}" if detail else ""))
+
+
+class PluginDepsMissing(PluginUnavailable):
+    """triton / torch (or a CUDA build of torch for the JIT path) is missing."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,11 +221,19 @@ def extra_scalar_values(x_shape, weight_shape, y_shape) -> tuple:
 
 def register() -> None:
     """Register sgex::FusedModulatedConv2d with TensorRT's plugin registry (idempotent).
-    Raises TensorRTMissing when tensorrt / tensorrt.plugin cannot be imported."""
-    global _registered
+
+    Raises TensorRTMissing when tensorrt / tensorrt.plugin cannot be imported and PluginDepsMissing
+    when triton or torch is missing (the AOT path compiles the kernel with them). A registration
+    that failed half-way cannot be retried in the same process (TensorRT keeps the half-made
+    definition), so later calls repeat the first error instead of TensorRT's "already has a
+    definition"."""
+    global _registered, _failed
     with _lock:
         if _registered:
             return
+        if _failed is not None:
+            raise RuntimeError(f"{PLUGIN_ID}: registration already failed in this process ({_failed}); "
+                               "fix the cause and restart the process")
         try:
             import tensorrt as trt
             import tensorrt.plugin as trtp
@@ -202,8 +241,72 @@ def register() -> None:
             raise TensorRTMissing(str(e)) from None
         if not hasattr(trtp, "aot_impl"):
             raise TensorRTMissing(f"tensorrt {trt.__version__} has no tensorrt.plugin.aot_impl")
-        _define(trt, trtp)
+        _require("triton", "triton")
+        _require("torch", "torch")
+        try:
+            _define(trt, trtp)
+        except Exception as e:
+            _failed = f"{type(e).__name__}: {e}"
+            raise
         _registered = True
+
+
+def _require(module: str, what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise PluginDepsMissing(f"{PLUGIN_ID} needs {what}, which the trt extra does not install "
+                                f"({PLUGIN_DEPS_HINT})")
+
+
+def require_jit_runtime() -> None:
+    """The JIT plugin (aot=0) runs the Triton kernel through torch at inference time: it needs
+    triton and a CUDA build of torch. PluginDepsMissing otherwise."""
+    _require("triton", "triton")
+    _require("torch", "torch")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise PluginDepsMissing(f"{PLUGIN_ID}: the JIT plugin (aot=0) needs a CUDA build of torch "
+                                f"(this torch {torch.__version__} sees no CUDA device); install one "
+                                "or export with the AOT plugin (aot=1)")
+
+
+def _attr_int(value) -> int:
+    """One plugin attribute as a Python int: TensorRT passes a one-element int32 array."""
+    import numpy as np
+
+    a = np.asarray(value)
+    if a.size != 1:
+        raise ValueError(f"{PLUGIN_ID}: expected a one-element attribute, got shape {a.shape}")
+    return int(a.reshape(-1)[0])
+
+
+def _target_arch() -> int:
+    """sm number (e.g. 90) of the current CUDA device: the GPU TensorRT is building for."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError as e:
+            raise PluginDepsMissing(f"{PLUGIN_ID} needs cuda-python to find the GPU it compiles "
+                                    f"for ({INSTALL_HINT}): {e}") from None
+    err, dev = cudart.cudaGetDevice()
+    if int(err) == 0:
+        err, prop = cudart.cudaGetDeviceProperties(dev)
+    if int(err) != 0:
+        raise RuntimeError(f"{PLUGIN_ID}: cannot query the CUDA device (cudaError {int(err)})")
+    return prop.major * 10 + prop.minor
+
+
+@functools.lru_cache(maxsize=256)
+def _compile_cached(x_dtype, style_dtype, ksize, dilation, padding, demodulate, has_noise,
+                    has_bias, activate, config_items, arch) -> CompiledKernel:
+    # TensorRT asks for the launch parameters once per tactic, type combination and profile.
+    return compile_ptx(x_dtype=x_dtype, style_dtype=style_dtype, ksize=ksize, dilation=dilation,
+                       padding=padding, demodulate=demodulate, has_noise=has_noise,
+                       has_bias=has_bias, activate=activate, config=dict(config_items), arch=arch)
 
 
 def _dtype_name(trt, dt) -> str:
@@ -215,19 +318,22 @@ def _dtype_name(trt, dt) -> str:
 
 
 def _define(trt, trtp) -> None:
-    # tensorrt.plugin requires annotations on the register function only (it checks those of
-    # autotune / impl / aot_impl for consistency when present, so they are left off there).
+    import numpy as np
+    import numpy.typing as npt
+
+    I32 = npt.NDArray[np.int32]  # how TensorRT's parser hands over an INT attribute (see module docstring)
 
     @trtp.register(PLUGIN_ID)
     def _desc(x: trtp.TensorDesc, weight: trtp.TensorDesc, style: trtp.TensorDesc,
               noise: trtp.TensorDesc, noise_strength: trtp.TensorDesc, bias: trtp.TensorDesc,
-              dilation: int, padding: int, demodulate: int, activate: int, has_noise: int,
-              has_bias: int) -> trtp.TensorDesc:
+              dilation: I32, padding: I32, demodulate: I32, activate: I32, has_noise: I32,
+              has_bias: I32) -> trtp.TensorDesc:
         # ShapeExpr arithmetic takes the int on the right; like() would share x's shape list.
-        shrink = (weight.shape_expr[3] - 1) * int(dilation)  # d * (k - 1)
+        d, p = _attr_int(dilation), _attr_int(padding)
+        shrink = (weight.shape_expr[3] - 1) * d  # d * (k - 1)
         return trtp.from_shape_expr(
-            (x.shape_expr[0], weight.shape_expr[0], x.shape_expr[2] + 2 * int(padding) - shrink,
-             x.shape_expr[3] + 2 * int(padding) - shrink), dtype=x.dtype)
+            (x.shape_expr[0], weight.shape_expr[0], x.shape_expr[2] + 2 * p - shrink,
+             x.shape_expr[3] + 2 * p - shrink), dtype=x.dtype)
 
     @trtp.autotune(PLUGIN_ID)
     def _autotune(x, weight, style, noise, noise_strength, bias, outputs):
@@ -248,32 +354,32 @@ def _define(trt, trtp) -> None:
 
         from kernels.modconv_triton import modulated_conv2d_triton
 
+        with_noise, with_bias = bool(_attr_int(has_noise)), bool(_attr_int(has_bias))
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             t = {n: torch.as_tensor(v, device="cuda") for n, v in dict(
                 x=x, weight=weight, style=style, noise=noise, ns=noise_strength, bias=bias,
                 y=outputs[0]).items()}
             modulated_conv2d_triton(
-                t["x"], t["weight"], t["style"], demodulate=bool(demodulate), dilation=int(dilation),
-                padding=int(padding), noise=t["noise"] if has_noise else None,
-                noise_strength=t["ns"] if has_noise else None, bias=t["bias"] if has_bias else None,
-                activate=bool(activate), out=t["y"], config=AOT_CONFIGS[tactic - 1])
+                t["x"], t["weight"], t["style"], demodulate=bool(_attr_int(demodulate)),
+                dilation=_attr_int(dilation), padding=_attr_int(padding),
+                noise=t["noise"] if with_noise else None,
+                noise_strength=t["ns"] if with_noise else None, bias=t["bias"] if with_bias else None,
+                activate=bool(_attr_int(activate)), out=t["y"], config=AOT_CONFIGS[tactic - 1])
 
     @trtp.aot_impl(PLUGIN_ID)
     def _aot_impl(x, weight, style, noise, noise_strength, bias, dilation, padding, demodulate,
-                  activate, has_noise, has_bias, outputs, tactic):
-        import torch
-
+                  activate, has_noise, has_bias, outputs, tactic: int
+                  ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         config = AOT_CONFIGS[tactic - 1]
         y = outputs[0]
         k = weight.shape_expr[3]
         if not k.is_constant:
             raise ValueError(f"{PLUGIN_ID}: the weight's kernel size must be static (got a dynamic dim)")
-        cap = torch.cuda.get_device_capability()  # the GPU the engine is built for
-        kern = compile_ptx(
-            x_dtype=_dtype_name(trt, x.dtype), style_dtype=_dtype_name(trt, style.dtype),
-            ksize=k.constant_value(), dilation=dilation, padding=padding,
-            demodulate=bool(demodulate), has_noise=bool(has_noise), has_bias=bool(has_bias),
-            activate=bool(activate), config=config, arch=cap[0] * 10 + cap[1])
+        kern = _compile_cached(
+            _dtype_name(trt, x.dtype), _dtype_name(trt, style.dtype), k.constant_value(),
+            _attr_int(dilation), _attr_int(padding), bool(_attr_int(demodulate)),
+            bool(_attr_int(has_noise)), bool(_attr_int(has_bias)), bool(_attr_int(activate)),
+            tuple(sorted(config.items())), _target_arch())
         launch = trtp.KernelLaunchParams()
         launch.grid_x = trtp.cdiv(y.shape_expr[2] * y.shape_expr[3], config["BLOCK_M"])
         launch.grid_y = trtp.cdiv(weight.shape_expr[0], config["BLOCK_N"])
@@ -282,4 +388,4 @@ def _define(trt, trtp) -> None:
         launch.shared_mem = kern.shared
         scalars = extra_scalar_values(x.shape_expr, weight.shape_expr, y.shape_expr)
         extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in scalars])
-        return kern.name.encode(), kern.ptx.encode(), launch, extra
+        return kern.name, kern.ptx, launch, extra

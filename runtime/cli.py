@@ -15,6 +15,7 @@ from pathlib import Path
 from runtime._cli import Parser, run_main, setup_logging
 from runtime.errors import SgexError
 from runtime.tasks import TASKS, WIDTH_DIVS, get_task
+from runtime.video import DEFAULT_CRF
 
 log = logging.getLogger("sgex-run")
 
@@ -27,21 +28,30 @@ examples:
   # PyTorch straight from an official checkpoint, a whole video (style from the first frame)
   sgex-run --task toonify --backend torch --ckpt pretrained_models/styleganex_toonify_pixar.pt \\
            --input clip.mp4 --output clip_pixar.mp4 --device cuda
+  # H.264 at crf 20 with the source's audio copied, 4 frames per engine call (needs the video extra)
+  sgex-run --task toonify --artifacts artifacts/toonify --input clip.mov --output toon.mp4 --batch 4 --crf 20
   # attribute editing with the web-UI sign (the web UI applies -scale): web slider 2 -> --edit-scale -2
   sgex-run --task edit --artifacts artifacts/edit --input face.jpg --output edited.jpg --edit-scale -2
   # sketch / parsing mask (1-channel label PNG, values 0..18) to face; --seed picks z and the noise
   sgex-run --task sketch2face --artifacts artifacts/sketch2face --input sketch.jpg --output face.png --seed 3
   # a folder of images (the output is a folder), random weights (the output is noise: a smoke test)
   sgex-run --task inversion --backend torch --random-weights --input faces/ --output out/
+  # every face of a group photo, pasted back into the whole frame; a moving face followed in a video
+  sgex-run --task toonify --ckpt styleganex_toonify_pixar.pt --input group.jpg --output toon.png --faces all --paste-back
+  sgex-run --task toonify --ckpt styleganex_toonify_pixar.pt --input clip.mp4 --output out.mp4 --track --paste-back
+  # landmarks from another detector (68 dlib-order or 5 points), or an input that is already a crop
+  sgex-run --task superres --ckpt styleganex_sr.pt --input lr.png --output sr.png --landmarks lr.json
+  sgex-run --task inversion --ckpt styleganex_inversion.pt --input crop.png --output inv.png --no-align
 
 notes:
-  The output is 4x the model input (x1). superres: x1 = the input resized by S/4 with OpenCV
-  bicubic (INTER_CUBIC), so the output is S x the input; the official script uses PIL bicubic
-  after its own face crop and LR degradation. Without --x2, the aligned face x2 that the style
-  code comes from is the centre square of x1 resized to 256x256; that is right only when the face
-  fills the centre of the frame (real FFHQ face alignment needs a landmark detector; give an
-  aligned 256x256 face with --x2 for official-quality results). Inputs of any size are padded to a
-  multiple of 32 (reflect) and the output is cropped back to exactly 4x.
+  RGB tasks (superres, edit, toonify, inversion) run the official recipe on a real photo or video
+  (spec 4.0): dlib finds the faces (best first), the frame is rescaled so the eyes are 64 px apart
+  and cropped +-256 px around them (x1, sides multiples of 8), and the face is FFHQ-aligned to
+  256x256 (x2, the style source); the output is 4x the crop. superres first resizes the input by
+  S/4 with PIL bicubic (image_translation.py --use_raw_data). Videos take the crop and x2 of the
+  first frame (--track follows a moving face). No face found: exit 2, nothing written.
+  --no-align keeps the whole image as x1: superres then resizes by S/4 with OpenCV bicubic, and
+  without --x2 the style code comes from the centre square of x1 resized to 256.
   Noise and z come from --seed (numpy default_rng per image, the same for every image and frame).
 """
 
@@ -78,8 +88,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edit-scale", type=float, metavar="F",
                    help="edit only: editing_w x F, a finite number (default +1.0 as video_editing.py; "
                         "the web UI uses -F)")
+    v = p.add_argument_group("video (PyAV, extra 'video'; without it OpenCV writes mp4v and drops the audio)")
+    v.add_argument("--batch", type=int, default=1, metavar="N",
+                   help="frames per engine call (default 1); decode and encode run in their own threads")
+    v.add_argument("--crf", type=int, metavar="Q",
+                   help=f"encoder quality, lower is better (libx264 0..51, 0 = lossless; default {DEFAULT_CRF})")
+    v.add_argument("--codec", metavar="NAME",
+                   help="FFmpeg video encoder (default: libx264 for mp4/mov/mkv/avi, libvpx-vp9 for webm; logged "
+                        "if the build lacks it); the source's audio is copied as is")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_face_flags(p)
     return p
+
+
+def _add_face_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "faces", "RGB tasks run the official recipe by default (spec 4.0): dlib finds the face, the frame is "
+                 "rescaled so the eyes are 64 px apart and cropped +-256 px around them (x1), the face is "
+                 "FFHQ-aligned to 256x256 (x2, the style source). Needs sgex[faces].")
+    g.add_argument("--no-align", action="store_true",
+                   help="no detection, crop or alignment: the whole image is x1 (for inputs that are already crops)")
+    g.add_argument("--faces", default="best", metavar="best|all|N",
+                   help="which detected faces to process, best first (score, then size); default best. "
+                        "Several faces without --paste-back write OUTPUT_face0.png, OUTPUT_face1.png, ...")
+    g.add_argument("--paste-back", action="store_true",
+                   help="output the whole frame at the best face's output scale (the source upscaled bicubic) "
+                        "with every processed face blended back over its crop box")
+    g.add_argument("--track", action="store_true",
+                   help="video: re-detect every frame and follow the face (moving average of the eye centre, "
+                        "runtime.faces.TRACK_ALPHA); default: the first frame's crop for every frame, as the official code")
+    g.add_argument("--landmarks", metavar="FILE.json",
+                   help="face points from another detector instead of dlib: a list of 68 (dlib order) or 5 "
+                        "(eye centres, nose tip, mouth corners) [x, y] pairs, or a list of such lists")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +164,8 @@ def _check_task_flags(args, spec) -> None:
         spec.variant(args.variant)
     if args.width_div != 1 and not args.random_weights:
         raise SgexError("--width-div applies to --random-weights only")
+    if args.batch < 1:
+        raise SgexError(f"--batch must be >= 1, got {args.batch}")
     if args.seed < 0:
         raise SgexError(f"--seed must be an integer >= 0 (a numpy seed), got {args.seed}")
     if args.edit_scale is not None and not math.isfinite(args.edit_scale):
@@ -161,27 +203,47 @@ def run(args) -> int:
         raise SgexError(f"{out}: the output would overwrite the input")
 
     # Every input is read and checked before a model is loaded.
+    if kind != "video" and (args.crf is not None or args.codec is not None or args.batch != 1):
+        raise SgexError("--batch, --crf and --codec apply to a video input only")
     x2 = rio.read_x2(args.x2) if args.x2 else None
-    reader = image = files = None
-    sizes = []  # (what, height, width) of every input, for the bucket check
+    face_opts = _face_options(args, spec, kind, x2)
+    manifest = _check_manifest(args, spec) if source == "artifacts" else None
+    reader = image = files = encoding = None
+    selected: dict = {}
+    sizes = []  # (what, height, width) of every whole-image input, for the bucket check
     if kind == "image":
         image = rio.task_image(rio.read_image(inp), spec, str(inp))
         sizes.append((str(inp), *image.shape[:2]))
+        if face_opts is not None:
+            face_opts = _with_landmarks(face_opts, args, image.shape)
+            selected[inp] = _find_faces(image, face_opts, str(inp))
     elif kind == "folder":
         files = rio.list_images(inp)
         for f in files:
-            sizes.append((str(f), *rio.task_image(rio.read_image(f), spec, str(f)).shape[:2]))
+            img = rio.task_image(rio.read_image(f), spec, str(f))
+            sizes.append((str(f), *img.shape[:2]))
+            if face_opts is not None:
+                selected[f] = _find_faces(img, face_opts, str(f))
     else:
-        from runtime.video import VideoReader
+        from runtime.video import VideoReader, resolve_encoding
 
         reader = VideoReader(inp)
-        sizes.append((f"{inp}: frame 0", *rio.task_image(reader.first, spec, f"{inp}: frame 0").shape[:2]))
+        reader.check_complete()
+        first = rio.task_image(reader.first, spec, f"{inp}: frame 0")
+        sizes.append((f"{inp}: frame 0", *first.shape[:2]))
+        if face_opts is not None:
+            face_opts = _with_landmarks(face_opts, args, reader.first.shape)
+            _find_faces(reader.first, face_opts, str(inp))
+        encoding = resolve_encoding(out, reader.lib, codec=args.codec, crf=args.crf, source=reader.info)
 
     try:
-        if source == "artifacts":
-            _check_artifacts(args, spec, sizes)
+        if manifest is not None and face_opts is None:  # face crops are routed once found
+            _check_buckets(args, spec, manifest, sizes)
         engine = _engine(args, source)
         scale = _scale(args, engine)
+        if face_opts is not None:
+            return _run_faces(engine, face_opts, kind, inp, out, image, files, reader, selected, scale, args,
+                              encoding=encoding)
         prep = (lambda im: rio.resize_for_scale(im, scale)) if scale else (lambda im: im)
         edit_scale = 1.0 if args.edit_scale is None else args.edit_scale
         opts = dict(x2=x2, seed=args.seed, edit_scale=edit_scale)
@@ -192,12 +254,11 @@ def run(args) -> int:
         elif kind == "folder":
             _run_folder(engine, files, out, prep, opts)
         else:
-            from runtime.video import write_video
+            from runtime.video import run_video
 
-            frames = (prep(f) for f in reader)
-            n = write_video(out, engine.process_video(frames, **opts), reader.info.fps,
-                            total=reader.info.frames)
-            log.info("wrote %s (%d frames at %.3g fps)", out, n, reader.info.fps)
+            n = run_video(reader, out, lambda frames: engine.process_video(frames, batch_size=args.batch, **opts),
+                          encoding=encoding, prep=prep, queue_frames=2 * args.batch)
+            log.info("wrote %s (%d frames at %.3g fps, %s)", out, n, reader.info.fps, encoding.describe())
     finally:
         if reader is not None:
             reader.close()
@@ -207,7 +268,7 @@ def run(args) -> int:
 def _engine(args, source: str):
     from runtime.engine import Engine
 
-    if source == "artifacts":  # the variant was checked by _check_artifacts
+    if source == "artifacts":  # the variant was checked by _check_manifest
         return Engine(args.artifacts, backend=args.backend, device=args.device, task=args.task)
     engine = Engine.from_checkpoint(args.task, ckpt=args.ckpt, random_weights=args.random_weights,
                                     device=args.device, width_div=args.width_div, variant=args.variant)
@@ -220,11 +281,9 @@ def _shown(allowed) -> str:
     return f"{allowed[0]}..{allowed[-1]} step 4" if len(allowed) > 1 else str(allowed[0])
 
 
-def _check_artifacts(args, spec, sizes) -> None:
-    """What the artifacts' manifest decides, checked before a model loads: the variant, the
-    TensorRT engines for --backend trt, --scale, and that every input fits an exported bucket."""
-    from runtime import io as rio
-    from runtime.buckets import pick
+def _check_manifest(args, spec):
+    """What the artifacts' manifest decides, checked before any input is searched for faces and
+    before a model loads: the variant, the TensorRT engines for --backend trt, --scale."""
     from runtime.engine import task_dir
     from runtime.manifest import Manifest
 
@@ -240,12 +299,22 @@ def _check_artifacts(args, spec, sizes) -> None:
 
         import_tensorrt()
         import_cudart()
+    if spec.name == "superres" and args.scale is not None:
+        allowed = spec.variant(m.variant).scales
+        if args.scale not in allowed:
+            raise SgexError(f"--scale {args.scale} is not available for superres variant {m.variant} "
+                            f"({_shown(allowed)})")
+    return m
+
+
+def _check_buckets(args, spec, m, sizes) -> None:
+    """Every whole-image input (after the --scale resize) fits an exported bucket."""
+    from runtime import io as rio
+    from runtime.buckets import pick
+
     scale = None
     if spec.name == "superres":
-        allowed = spec.variant(m.variant).scales
-        scale = allowed[0] if args.scale is None else args.scale
-        if scale not in allowed:
-            raise SgexError(f"--scale {scale} is not available for superres variant {m.variant} ({_shown(allowed)})")
+        scale = spec.variant(m.variant).scales[0] if args.scale is None else args.scale
     buckets = m.buckets()
     for what, h, w in sizes:
         hs, ws = rio.scaled_size(h, w, scale) if scale else (h, w)
@@ -270,6 +339,101 @@ def _scale(args, engine) -> int | None:
     if scale not in allowed:
         raise SgexError(f"--scale {scale} is not available for superres variant {engine.variant} ({_shown(allowed)})")
     return scale
+
+
+def _face_options(args, spec, kind: str, x2):
+    """runtime.pipeline.FaceOptions for the face pipeline, or None (--no-align, or a task whose
+    recipe takes its input as is); conflicting face flags are refused here."""
+    from runtime.pipeline import FaceOptions
+    from runtime.recipes import get_recipe
+
+    given = [f for f, on in (("--faces", args.faces != "best"), ("--paste-back", args.paste_back),
+                             ("--track", args.track), ("--landmarks", args.landmarks)) if on]
+    if not get_recipe(spec.name).face_crop:
+        if given:
+            raise SgexError(f"{given[0]} applies to RGB face tasks; {spec.name} takes its {spec.input_kind} as is")
+        return None
+    if args.no_align:
+        if given:
+            raise SgexError(f"{given[0]} needs the face pipeline; it does not go with --no-align")
+        return None
+    if args.track and kind != "video":
+        raise SgexError("--track applies to video inputs only")
+    if args.landmarks and kind == "folder":
+        raise SgexError("--landmarks gives one image's points; it does not apply to a folder")
+    return FaceOptions(faces=args.faces, paste_back=args.paste_back, track=args.track, x2=x2)
+
+
+def _with_landmarks(opts, args, shape):
+    import dataclasses
+
+    from runtime.pipeline import read_landmarks
+
+    if not args.landmarks:
+        return opts
+    return dataclasses.replace(opts, landmarks=read_landmarks(args.landmarks, shape))
+
+
+def _find_faces(image, opts, what: str) -> list:
+    from runtime.pipeline import find_faces
+
+    found = find_faces(image, opts, what)
+    log.info("%s: %d face%s selected", what, len(found), "s" if len(found) != 1 else "")
+    return found
+
+
+def _face_outputs(out: Path, n: int) -> list[Path]:
+    """One output per face: OUTPUT itself for one, OUTPUT_face<i> for several."""
+    if n == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_face{i}{out.suffix}") for i in range(n)]
+
+
+def _write_photo(res, out: Path, paste_back: bool) -> None:
+    from runtime import io as rio
+
+    if paste_back:
+        rio.write_image(out, res.image)
+        log.info("wrote %s (%dx%d, %d face%s pasted back)", out, res.image.shape[1], res.image.shape[0],
+                 len(res.faces), "s" if len(res.faces) != 1 else "")
+        return
+    for path, f in zip(_face_outputs(out, len(res.faces)), res.faces):
+        rio.write_image(path, f.output)
+        log.info("wrote %s (%dx%d, crop %dx%d)", path, f.output.shape[1], f.output.shape[0],
+                 f.job.params.size[1], f.job.params.size[0])
+
+
+def _run_faces(engine, opts, kind, inp, out, image, files, reader, selected, scale, args, encoding=None) -> int:
+    from runtime import pipeline
+
+    edit_scale = 1.0 if args.edit_scale is None else args.edit_scale
+    common = dict(scale=scale, seed=args.seed, edit_scale=edit_scale)
+    if kind == "image":
+        res = pipeline.process_photo(engine, image, opts, what=str(inp), selected=selected[inp], **common)
+        _write_photo(res, out, opts.paste_back)
+    elif kind == "folder":
+        from runtime import io as rio
+        from runtime.video import Progress
+
+        bar = Progress(len(files), "images")
+        try:
+            with rio.staged_folder(out) as stage:  # all results, or none
+                for f in files:
+                    img = rio.task_image(rio.read_image(f), engine.spec, str(f))
+                    res = pipeline.process_photo(engine, img, opts, what=str(f), selected=selected[f], **common)
+                    _write_photo(res, stage / f.name, opts.paste_back)
+                    bar.update()
+        finally:
+            bar.close()
+        log.info("wrote %d images to %s", len(files), out)
+    else:
+        from runtime.video import run_video
+
+        n = run_video(reader, out, lambda frames: engine.process_video(frames, faces=opts, batch_size=args.batch,
+                                                                       **common),
+                      encoding=encoding, queue_frames=2 * args.batch)
+        log.info("wrote %s (%d frames at %.3g fps, %s)", out, n, reader.info.fps, encoding.describe())
+    return 0
 
 
 def _run_folder(engine, files, out: Path, prep, opts) -> None:

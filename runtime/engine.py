@@ -333,16 +333,29 @@ class Engine:
         return self.synthesize(img[None], wplus, seed=seed, edit_scale=edit_scale)[0]
 
     def process_video(self, frames: Iterable[np.ndarray], *, x2: np.ndarray | None = None,
-                      seed: int = 0, edit_scale: float = 1.0, batch_size: int = 1) -> Iterator[np.ndarray]:
+                      seed: int = 0, edit_scale: float = 1.0, batch_size: int = 1,
+                      faces=None, scale: int | None = None) -> Iterator[np.ndarray]:
         """Frames (uint8 RGB [H, W, 3], all the same size) -> output frames uint8 [4H, 4W, 3], lazily.
 
         As the official video recipe: the style code comes once from `x2` or the first frame (its
         centre square), then synth runs per frame (in chunks of `batch_size`). Every frame uses the
-        same `seed`, so explicit noise is identical from frame to frame."""
+        same `seed`, so explicit noise is identical from frame to frame.
+
+        faces (runtime.pipeline.FaceOptions): the face pipeline instead of the whole frame (the
+        first frame's crop and x2, or tracking; paste-back), see runtime.pipeline.process_video;
+        `scale` is the superres S of its recipe."""
         if not _is_int(batch_size) or batch_size < 1:
             raise SgexError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         _seeds(seed, 1)
         _edit_scale(edit_scale)
+        if faces is not None:
+            from runtime import pipeline
+
+            if x2 is not None:
+                raise SgexError("give x2 inside FaceOptions(x2=...) when faces are processed")
+            yield from pipeline.process_video(self, frames, faces, scale=scale, seed=seed,
+                                              edit_scale=edit_scale, batch_size=batch_size)
+            return
         try:
             it = iter(frames)
         except TypeError:
@@ -364,6 +377,18 @@ class Engine:
                 chunk = []
         if chunk:
             yield from self._video_chunk(chunk, wplus, seed, edit_scale)
+
+    def process_photo(self, image: np.ndarray, faces=None, *, scale: int | None = None, seed: int = 0,
+                      edit_scale: float = 1.0):
+        """A real photo -> runtime.pipeline.PhotoResult: the official recipe of this task (detect,
+        crop, align; superres: the PIL resize by `scale`/4 first), every selected face through the
+        engine (batched by crop size), and paste-back when asked. faces: a
+        runtime.pipeline.FaceOptions (default: the best face, no paste-back). SgexError with one
+        line when no face is found."""
+        from runtime import pipeline
+
+        img = rio.task_image(image, self.spec)
+        return pipeline.process_photo(self, img, faces, scale=scale, seed=seed, edit_scale=edit_scale)
 
     def _video_chunk(self, chunk, wplus, seed, edit_scale) -> Iterator[np.ndarray]:
         batch = np.stack(chunk)

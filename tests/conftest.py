@@ -34,11 +34,13 @@ def pytest_collection_modifyitems(config, items):
     skip_trt = pytest.mark.skip(reason="needs TensorRT (pip install 'sgex[trt]' on a machine with an NVIDIA GPU)")
     has_cuda = has_trt = None
     for item in items:
-        if "gpu" in item.keywords:
+        # Markers, not item.keywords: keywords also hold every parent node's name (a checkout
+        # in a directory named "trt" would mark every test).
+        if item.get_closest_marker("gpu"):
             has_cuda = _has_cuda() if has_cuda is None else has_cuda
             if not has_cuda:
                 item.add_marker(skip_gpu)
-        if "trt" in item.keywords:
+        if item.get_closest_marker("trt"):
             has_trt = _has_tensorrt() if has_trt is None else has_trt
             if not has_trt:
                 item.add_marker(skip_trt)

@@ -13,20 +13,36 @@ built for, so the backend refuses (one line, no traceback) an entry that names a
 version or GPU, an engine file whose sha256 differs, or an engine built from another export of its
 ONNX graph. The remedy is always the same: rebuild on this machine with `sgex-export ... --engine`.
 
-Execution: one CUDA stream, name-based I/O (`set_input_shape` per call, `set_tensor_address`,
+Execution: one CUDA stream, name-based I/O (`set_input_shape`, `set_tensor_address`,
 `execute_async_v3`), float32 I/O through pinned host buffers and async copies. Device buffers are
 taken from torch's CUDA caching allocator when torch with CUDA is importable (one pool with the
 rest of a torch app), else from `cudaMalloc` through cuda-python; the choice is logged. Buffers
-are kept per input-shape set (a video reuses one set for every frame).
+are kept per input-shape set (a video reuses one set for every frame). The CUDA device is made
+current (`cudaSetDevice`) on every call: the current device is a per-thread setting, and a
+server calls from its own worker threads.
 
-CUDA graphs (`cuda_graphs=True`, for video): the first call with a new input-shape set runs
-`execute_async_v3` normally, then captures a second `execute_async_v3` into a CUDA graph
-(cudaStreamBeginCapture / EndCapture / GraphInstantiate); later calls with the same shapes replay
-it with cudaGraphLaunch. The TensorRT developer guide asks for exactly this order: after input
-shapes change, enqueueV3 must have been called once outside capture so that TensorRT's deferred
-shape-dependent updates are done before capture starts. A graph bakes in the tensor addresses,
-which is why buffers are per shape set and never reallocated while their graph lives. Copies stay
+CUDA graphs (`cuda_graphs=True`, for video). The TensorRT developer guide calls it undefined
+behaviour to change a context's shapes or tensor addresses behind a captured graph, and
+recommends one execution context per graph. So with CUDA graphs on, every input-shape set gets
+its own execution context (created with the USER_MANAGED allocation strategy; all contexts of an
+engine share one device-memory block of `device_memory_size_v2` bytes, which is safe because they
+run one at a time on one stream), configured once with its shapes and buffer addresses and never
+changed while its graph lives. The first call of a shape set runs `execute_async_v3` outside
+capture (after input shapes change, TensorRT defers shape-dependent work to the first enqueue,
+which must not be captured), synchronizes the stream (as trtexec does before capture: nothing of
+that call may be pending), then captures a second `execute_async_v3` (cudaStreamBeginCapture /
+EndCapture / GraphInstantiate); later calls replay it with cudaGraphLaunch. When capture fails
+(cudaStreamEndCapture reports cudaErrorStreamCaptureInvalidated, or instantiation fails, or the
+enqueue under capture fails), the partial graph is destroyed, the error is cleared with
+cudaGetLastError, a warning is logged once, and that shape set runs without a graph from then on
+(its results are unaffected: the call's outputs come from the ordinary enqueue). Copies stay
 outside the graph. Engines whose plugin is the JIT (Python-callback) kind are not captured.
+Without CUDA graphs one context per engine is reconfigured when the shape set changes.
+
+cuda-python's major version must match the CUDA major of the TensorRT wheel and be supported by
+the driver: a CUDA 13 cuda-python on a CUDA 12 driver fails every call with
+cudaErrorInsufficientDriver, which is reported in one line naming the extras (`sgex[trt]` is CUDA
+13, `sgex[trt-cu12]` CUDA 12).
 
 TensorRT 10.x (>= 10.9) and 11.x; nothing here was run on a machine with TensorRT (see README).
 """
@@ -50,6 +66,9 @@ from runtime.manifest import Manifest
 log = logging.getLogger(__name__)
 
 EXTRA = "trt"
+EXTRA_CU12 = "trt-cu12"
+# cudaError_t names that mean "this cuda-python / CUDA runtime is newer than the driver".
+_DRIVER_TOO_OLD = ("cudaErrorInsufficientDriver", "cudaErrorCallRequiresNewerDriver")
 REBUILD_HINT = "rebuild the engines on this machine with `sgex-export ... --engine`"
 MIN_TENSORRT = (10, 9)  # name-based I/O API (10.0), AOT plugins (10.9); pyproject pins the same
 BUFFER_KINDS = ("auto", "torch", "cuda-python")
@@ -95,17 +114,38 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", version)[:3])
 
 
+def cuda_error_name(err) -> str:
+    cudart = import_cudart()
+    name = cudart.cudaGetErrorName(err)[1]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
 def cuda_check(result, what: str):
-    """Unwrap a cuda-python call: results are (cudaError_t, *values)."""
+    """Unwrap a cuda-python call: results are (cudaError_t, *values). A driver older than the
+    CUDA runtime is an environment problem: SgexError, one line, with the remedy."""
     err, *values = result
     if int(err) != 0:
-        cudart = import_cudart()
-        name = cudart.cudaGetErrorName(err)[1]
-        name = name.decode() if isinstance(name, bytes) else str(name)
+        name = cuda_error_name(err)
+        if name in _DRIVER_TOO_OLD:
+            raise SgexError(f"CUDA {what} failed with {name}: the NVIDIA driver is older than this "
+                            f"cuda-python ({_cuda_python_version()}) needs; install the extra of "
+                            f"your driver's CUDA major (pip install -c constraints.txt 'sgex[{EXTRA}]' "
+                            f"for CUDA 13, 'sgex[{EXTRA_CU12}]' for CUDA 12) or update the driver")
         raise RuntimeError(f"CUDA {what} failed: {name}")
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
+
+
+def _cuda_python_version() -> str:
+    from importlib import metadata
+
+    for dist in ("cuda-python", "cuda-bindings"):
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return "version unknown"
 
 
 @dataclass(frozen=True)
@@ -245,14 +285,27 @@ def _pick_memory(kind: str, index: int):
     return _CudaMemory(index)
 
 
+def _is_null(handle) -> bool:
+    """A cuda-python handle (or a fake's) that points at nothing."""
+    if handle is None:
+        return True
+    try:
+        return int(handle) == 0
+    except TypeError:
+        return False
+
+
 @dataclass
 class _ShapeSet:
-    """Buffers for one set of input shapes (and the CUDA graph captured with them)."""
+    """Buffers for one set of input shapes; with CUDA graphs also its own execution context, its
+    graph, or the note that capture failed for it."""
 
     shapes: dict  # name -> shape, inputs and outputs
     device: dict = field(default_factory=dict)  # name -> (device ptr, allocator handle)
     host: dict = field(default_factory=dict)  # name -> (pinned host ptr, numpy view)
+    context: object = None  # CUDA graphs only: configured once, never changed while the graph lives
     graph_exec: object = None
+    graph_failed: bool = False  # capture failed once: this set runs without a graph
 
 
 @dataclass
@@ -260,11 +313,12 @@ class _Loaded:
     key: str
     entry: dict
     engine: object
-    context: object
     inputs: list
     outputs: list
+    context: object = None  # without CUDA graphs: the one context, reconfigured per shape set
+    scratch: tuple | None = None  # with CUDA graphs: (ptr, handle, nbytes) shared by the contexts
     shape_sets: OrderedDict = field(default_factory=OrderedDict)
-    current: tuple | None = None  # the shape-set key the context is configured for
+    current: tuple | None = None  # the shape-set key `context` is configured for
 
 
 class TrtBackend(Backend):
@@ -288,7 +342,7 @@ class TrtBackend(Backend):
             raise SgexError(f"{self.dir}: the manifest lists no TensorRT engines; build them with "
                             f"`sgex-export ... --engine`")
         self.index = device_index(device)
-        cuda_check(self._cudart.cudaSetDevice(self.index), "cudaSetDevice")
+        self._make_device_current()
         self.identity = device_identity(self.index)
         self.tensorrt_version = self._trt.__version__
         for key, entry in self.manifest.engines.items():
@@ -315,13 +369,18 @@ class TrtBackend(Backend):
 
     def run(self, key: str, feeds: dict) -> dict:
         """feeds: name -> float32 array (shapes inside the engine profile) -> outputs by name."""
+        self._make_device_current()
         g = self._load(key)
         check_feeds(key, g.entry, feeds)
         arrays = {n: np.ascontiguousarray(feeds[n]) for n in g.inputs}
         set_key = tuple((n, arrays[n].shape) for n in g.inputs)
         ss = self._shape_set(g, set_key, arrays)
-        if g.current != set_key:
-            self._configure(g, set_key, ss)
+        if self.cuda_graphs:
+            ctx = ss.context
+        else:
+            if g.current != set_key:
+                self._configure(g, set_key, ss)
+            ctx = g.context
 
         cudart, stream = self._cudart, self._stream
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
@@ -330,11 +389,11 @@ class TrtBackend(Backend):
             np.copyto(hview, arrays[n])
             cuda_check(cudart.cudaMemcpyAsync(ss.device[n][0], hptr, hview.nbytes, h2d, stream),
                        "cudaMemcpyAsync (host to device)")
-        if not self.cuda_graphs:
-            self._execute(g)
+        if not self.cuda_graphs or ss.graph_failed:
+            self._execute(g, ctx)
         elif ss.graph_exec is None:
-            self._execute(g)  # the once-outside-capture enqueue TensorRT requires; its results are this call's
-            ss.graph_exec = self._capture(g)
+            self._execute(g, ctx)  # the once-outside-capture enqueue TensorRT requires; its results are this call's
+            ss.graph_exec = self._capture(g, ss)
         else:
             cuda_check(cudart.cudaGraphLaunch(ss.graph_exec, stream), "cudaGraphLaunch")
         for n in g.outputs:
@@ -345,14 +404,24 @@ class TrtBackend(Backend):
         return {n: ss.host[n][1].copy() for n in g.outputs}
 
     def close(self) -> None:
-        """Free every buffer, CUDA graph and the stream (the backend is unusable afterwards)."""
+        """Free every buffer, context, CUDA graph and the stream (the backend is unusable afterwards)."""
+        if self._stream is None:
+            return
+        self._make_device_current()
         for g in self._loaded.values():
             while g.shape_sets:
-                self._release(g.shape_sets.popitem(last=False)[1])
+                self._release(g, g.shape_sets.popitem(last=False)[1])
+            g.context = None
+            if g.scratch is not None:
+                self._memory.free(g.scratch[1])
+                g.scratch = None
         self._loaded.clear()
-        if self._stream is not None:
-            cuda_check(self._cudart.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
-            self._stream = None
+        cuda_check(self._cudart.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
+        self._stream = None
+
+    def _make_device_current(self) -> None:
+        """cudaSetDevice is per host thread: set it on every call (cheap), whichever thread calls."""
+        cuda_check(self._cudart.cudaSetDevice(self.index), "cudaSetDevice")
 
     # -- loading ----------------------------------------------------------------------------------
     def _load(self, key: str) -> _Loaded:
@@ -386,13 +455,29 @@ class TrtBackend(Backend):
         if sorted(inputs) != sorted(entry.get("profile", {})):
             raise SgexError(f"{path}: engine inputs {inputs} differ from the manifest profile "
                             f"{list(entry.get('profile', {}))}; {REBUILD_HINT}")
-        context = engine.create_execution_context()
-        if context is None:
-            raise RuntimeError(f"TensorRT could not create an execution context for {path} (out of GPU memory?)")
+        g = _Loaded(key, entry, engine, inputs, outputs)
+        if self.cuda_graphs:
+            nbytes = max(int(engine.device_memory_size_v2), 1)
+            ptr, handle = self._memory.alloc(nbytes)
+            g.scratch = (ptr, handle, nbytes)
+        else:
+            g.context = self._new_context(g)
         log.info("trt backend: loaded %s (%s, plugin %s)", path, entry.get("precision"), entry.get("plugin"))
-        g = _Loaded(key, entry, engine, context, inputs, outputs)
         self._loaded[key] = g
         return g
+
+    def _new_context(self, g: _Loaded):
+        """An execution context: TensorRT-allocated without CUDA graphs; with them, on the
+        engine's shared user-managed device memory."""
+        if g.scratch is None:
+            ctx = g.engine.create_execution_context()
+        else:
+            ctx = g.engine.create_execution_context(self._trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            if ctx is not None:
+                ctx.set_device_memory(g.scratch[0], g.scratch[2])
+        if ctx is None:
+            raise RuntimeError(f"TensorRT could not create an execution context for {g.key} (out of GPU memory?)")
+        return ctx
 
     def _register_plugin(self) -> None:
         """The JIT plugin's Python implementation must be registered before deserialization."""
@@ -400,8 +485,9 @@ class TrtBackend(Backend):
             from kernels import trt_plugin
 
             try:
+                trt_plugin.require_jit_runtime()
                 trt_plugin.register()
-            except trt_plugin.TensorRTMissing as e:
+            except trt_plugin.PluginUnavailable as e:
                 raise SgexError(str(e)) from None
             self._plugin_registered = True
 
@@ -411,19 +497,20 @@ class TrtBackend(Backend):
         if ss is not None:
             g.shape_sets.move_to_end(set_key)
             return ss
-        ctx = g.context
-        for n in g.inputs:
-            if not ctx.set_input_shape(n, arrays[n].shape):
-                raise SgexError(f"{g.key}: TensorRT rejected input {n} of shape {arrays[n].shape}")
-        g.current = None  # shapes changed; addresses are set in _configure
+        if len(g.shape_sets) >= MAX_SHAPE_SETS:
+            self._release(g, g.shape_sets.popitem(last=False)[1])
+        if self.cuda_graphs:
+            ctx = self._new_context(g)
+        else:
+            ctx = g.context
+            g.current = None  # shapes change below; _configure sets them again with the addresses
         shapes = {n: tuple(arrays[n].shape) for n in g.inputs}
+        self._set_shapes(g, ctx, shapes)
         for n in g.outputs:
             shape = tuple(ctx.get_tensor_shape(n))
             if any(d < 0 for d in shape):
                 raise RuntimeError(f"{g.key}: TensorRT could not infer the shape of output {n} ({shape})")
             shapes[n] = shape
-        if len(g.shape_sets) >= MAX_SHAPE_SETS:
-            self._release(g.shape_sets.popitem(last=False)[1])
         ss = _ShapeSet(shapes)
         for n, shape in shapes.items():
             nbytes = int(np.prod(shape)) * IO_DTYPE().itemsize
@@ -431,50 +518,73 @@ class TrtBackend(Backend):
             hptr = int(cuda_check(self._cudart.cudaMallocHost(nbytes), "cudaMallocHost"))
             raw = (ctypes.c_uint8 * nbytes).from_address(hptr)
             ss.host[n] = (hptr, np.frombuffer(raw, dtype=IO_DTYPE).reshape(shape))
+        if self.cuda_graphs:
+            self._set_addresses(g, ctx, ss)
+            ss.context = ctx
         g.shape_sets[set_key] = ss
         return ss
 
-    def _configure(self, g: _Loaded, set_key: tuple, ss: _ShapeSet) -> None:
-        ctx = g.context
+    @staticmethod
+    def _set_shapes(g: _Loaded, ctx, shapes: dict) -> None:
         for n in g.inputs:
-            if not ctx.set_input_shape(n, ss.shapes[n]):
-                raise SgexError(f"{g.key}: TensorRT rejected input {n} of shape {ss.shapes[n]}")
+            if not ctx.set_input_shape(n, shapes[n]):
+                raise SgexError(f"{g.key}: TensorRT rejected input {n} of shape {shapes[n]}")
+
+    @staticmethod
+    def _set_addresses(g: _Loaded, ctx, ss: _ShapeSet) -> None:
         for n in g.inputs + g.outputs:
             if not ctx.set_tensor_address(n, ss.device[n][0]):
                 raise RuntimeError(f"{g.key}: TensorRT rejected the address of tensor {n}")
+
+    def _configure(self, g: _Loaded, set_key: tuple, ss: _ShapeSet) -> None:
+        """Without CUDA graphs: point the engine's one context at a shape set."""
+        self._set_shapes(g, g.context, ss.shapes)
+        self._set_addresses(g, g.context, ss)
         g.current = set_key
 
-    def _execute(self, g: _Loaded) -> None:
-        if not g.context.execute_async_v3(int(self._stream)):
+    def _execute(self, g: _Loaded, ctx) -> None:
+        if not ctx.execute_async_v3(int(self._stream)):
             raise RuntimeError(f"{g.key}: TensorRT execute_async_v3 failed (see the TensorRT log above)")
 
-    def _capture(self, g: _Loaded):
+    def _capture(self, g: _Loaded, ss: _ShapeSet):
+        """Capture the shape set's enqueue into a CUDA graph; None (and ss.graph_failed, logged
+        once) when capture fails, after destroying what was captured and clearing the error."""
         cudart, stream = self._cudart, self._stream
+        cuda_check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize (before capture)")
         mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         cuda_check(cudart.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
-        ok = g.context.execute_async_v3(int(stream))
-        graph = cuda_check(cudart.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
-        if not ok:
-            cuda_check(cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")
-            raise RuntimeError(f"{g.key}: TensorRT execute_async_v3 failed under CUDA graph capture; "
-                               f"run without CUDA graphs")
-        try:
-            return cuda_check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
-        finally:
-            cuda_check(cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")
+        ok = ss.context.execute_async_v3(int(stream))
+        err, graph = cudart.cudaStreamEndCapture(stream)  # always end the capture, even after a failure
+        why = None if int(err) == 0 else cuda_error_name(err)
+        if why is None and not ok:
+            why = "execute_async_v3 failed under capture"
+        graph_exec = None
+        if why is None:
+            err, graph_exec = cudart.cudaGraphInstantiate(graph, 0)
+            if int(err) != 0:
+                why, graph_exec = f"cudaGraphInstantiate: {cuda_error_name(err)}", None
+        if not _is_null(graph):
+            cudart.cudaGraphDestroy(graph)  # the executable graph, if any, no longer needs it
+        if why is None:
+            return graph_exec
+        cudart.cudaGetLastError()  # clear the capture error so later calls do not report it
+        ss.graph_failed = True
+        log.warning("trt backend: CUDA graph capture failed for %s with shapes %s (%s); this shape "
+                    "set runs without a CUDA graph", g.key, ss.shapes, why)
+        return None
 
-    def _release(self, ss: _ShapeSet) -> None:
+    def _release(self, g: _Loaded, ss: _ShapeSet) -> None:
         cudart = self._cudart
         cuda_check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         if ss.graph_exec is not None:
             cuda_check(cudart.cudaGraphExecDestroy(ss.graph_exec), "cudaGraphExecDestroy")
             ss.graph_exec = None
+        ss.context = None  # TensorRT destroys the context with its last reference
         for _, handle in ss.device.values():
             self._memory.free(handle)
         for hptr, _ in ss.host.values():
             cuda_check(cudart.cudaFreeHost(hptr), "cudaFreeHost")
         ss.device.clear()
         ss.host.clear()
-        for g in self._loaded.values():
-            if g.current is not None and g.shape_sets.get(g.current) is None:
-                g.current = None
+        if g.current is not None and g.current not in g.shape_sets:
+            g.current = None

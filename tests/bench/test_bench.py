@@ -163,3 +163,39 @@ def test_default_backends_are_the_available_ones_and_logged(caplog):
     assert "trt" not in chosen  # TensorRT needs --device cuda and engines
     msg = " ".join(r.getMessage() for r in caplog.records)
     assert "backends (all available)" in msg and "skipped trt" in msg
+
+
+def test_video_mode_end_to_end_on_both_libraries(tmp_path, capsys):
+    """decode + model + encode through runtime.video, serial and pipelined, OpenCV and PyAV: every
+    field present and consistent with its raw timings (no assertion on speed: shared machines)."""
+    pytest.importorskip("av")
+    js = tmp_path / "e.json"
+    rc, out, err = _run(["--task", "toonify", "--res", "32", "--mode", "video", "--frames", "3", "--batch", "2",
+                         "--backends", "torch", "--random-weights", "--width-div", "4",
+                         "--iters", "1", "--warmup", "0", "--json", str(js)], capsys)
+    assert rc == 0, err
+    (run,) = json.loads(js.read_text())["runs"]
+    e2e = run["end_to_end"]
+    assert e2e["clip"]["frames"] == 3 and e2e["clip"]["size"] == [32, 32] and e2e["clip"]["audio"]
+    assert e2e["libs"] == {"opencv": "ok", "av": "ok"} and e2e["batch"] == 2
+    entry = e2e["backends"]["torch"]
+    assert set(e2e["backends"]) == {"torch"}  # the baseline has no Engine path
+    lat = run["backends"]["torch"]["latency"]["p50_ms"]
+    assert entry["model_fps"] == pytest.approx(3 * 2 * 1e3 / lat)
+    eo = entry["engine_only"]
+    assert len(eo["raw_ms"]) == 1 and eo["fps"] == pytest.approx(3e3 / eo["latency"]["p50_ms"])
+    for lib, encoder in (("opencv", "mp4v"), ("av", "libx264")):
+        r = entry[lib]
+        assert encoder in r["encoder"] and r["frames"] == 3
+        for mode in ("serial", "pipelined"):
+            assert len(r["raw_ms"][mode]) == 1 and r[mode]["p50_ms"] == r["raw_ms"][mode][0] > 0
+            assert r[f"{mode}_fps"] == pytest.approx(3e3 / r[mode]["p50_ms"])
+        assert r["pipelined_speedup"] == pytest.approx(r["serial"]["p50_ms"] / r["pipelined"]["p50_ms"])
+    assert "end to end (decode + model + encode" in out and "pipelined fps" in out and "engine-only fps" in out
+    assert not list(tmp_path.glob("*.mp4"))  # the clips live in a temp dir that is removed
+
+    rc, _, err = _run(["--task", "toonify", "--res", "32", "--mode", "video", "--frames", "1", "--backends", "torch",
+                       "--random-weights", "--width-div", "4", "--iters", "1", "--warmup", "0", "--no-end-to-end",
+                       "--json", str(js)], capsys)
+    assert rc == 0, err
+    assert "end_to_end" not in json.loads(js.read_text())["runs"][0]

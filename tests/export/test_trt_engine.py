@@ -322,6 +322,7 @@ def test_fake_build_records_engines(fake_build):
     assert list(m.engines) == ["style", "synth@64"]
     assert [st for _, st in calls.networks] == [True, True]
     assert all(c["memory_pool_limits"] == {"workspace": 2 << 30} for c in calls.configs)
+    assert all(c["tf32"] is False for c in calls.configs)  # FP32 layers stay FP32
     key = eng.timing_cache_key(FAKE_TRT, FAKE_GPU, "9.0")
     cache = task_dir / "trt-timing-cache" / f"{key}.cache"
     assert calls.builds == [str(cache), str(cache)] and cache.read_bytes() == b"timings"
@@ -384,7 +385,16 @@ def test_fake_build_plugin_flavor(fake_build, monkeypatch):
     assert registered == [True]
     assert (out.engines["style"]["plugin"], out.engines["synth@64"]["plugin"]) == (None, "aot")
     monkeypatch.setattr(eng, "_onnx_aot_values", lambda p: [1, 0] if p == synth else [])
+    monkeypatch.setattr(trt_plugin, "require_jit_runtime", lambda: registered.append("jit deps"))
     assert eng.build_engines(task_dir, graphs=["synth"], force=True).engines["synth@64"]["plugin"] == "jit"
+    assert registered == [True, True, "jit deps"]  # register per build, then the JIT check
+
+    def no_cuda_torch():
+        raise trt_plugin.PluginDepsMissing("the JIT plugin (aot=0) needs a CUDA build of torch")
+
+    monkeypatch.setattr(trt_plugin, "require_jit_runtime", no_cuda_torch)
+    with pytest.raises(SgexError, match="needs a CUDA build of torch"):
+        eng.build_engines(task_dir, graphs=["synth"], force=True)
 
 
 def test_fake_cli_helpers_build(fake_build):

@@ -2,7 +2,8 @@
 
 CPU (default run): the kernel signature, the PTX that aot_impl hands to TensorRT (compiled for
 sm_90 without a GPU, Triton's hidden scratch parameters stripped, the result assembled by Triton's
-bundled ptxas), the int scalar order, and the missing-TensorRT error.
+bundled ptxas), the int scalar order, attribute reading, and the missing-dependency errors.
+TensorRT's own plugin layer runs on these definitions in test_trt_plugin_standin.py.
 
 TensorRT (marked trt, skip without it; need a CUDA GPU): engines built from FusedModulatedConv2d
 ONNX graphs through the AOT (aot=1) and JIT (aot=0) implementations, run and compared with the
@@ -124,6 +125,50 @@ def test_every_tactic_compiles_within_static_shared_memory(config, x_dtype):
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
 def test_register_without_tensorrt_names_the_extra():
     with pytest.raises(trt_plugin.TensorRTMissing, match=r"pip install .*sgex\[trt\]"):
+        trt_plugin.register()
+
+
+def test_attr_int_reads_parser_arrays():
+    # TensorRT's ONNX parser hands an INT attribute over as a one-element int32 array.
+    assert trt_plugin._attr_int(np.array([3], np.int32)) == 3
+    assert trt_plugin._attr_int(np.int32(2)) == 2 and trt_plugin._attr_int(5) == 5
+    with pytest.raises(ValueError, match="one-element attribute"):
+        trt_plugin._attr_int(np.array([1, 2], np.int32))
+
+
+def test_missing_plugin_dependency_is_one_line():
+    with pytest.raises(trt_plugin.PluginDepsMissing) as e:
+        trt_plugin._require("sgex_no_such_module", "sgex_no_such_module")
+    msg = str(e.value)
+    assert "\n" not in msg and "the trt extra does not install" in msg and "sgex[trt,triton,torch]" in msg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has CUDA")
+def test_jit_runtime_needs_cuda_torch():
+    with pytest.raises(trt_plugin.PluginDepsMissing, match="needs a CUDA build of torch"):
+        trt_plugin.require_jit_runtime()
+
+
+def test_failed_registration_repeats_its_error(monkeypatch):
+    import types
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "11.4.0.106"
+    trtp = types.ModuleType("tensorrt.plugin")
+    trtp.aot_impl = object()
+    trt.plugin = trtp
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    monkeypatch.setattr(trt_plugin, "_registered", False)
+    monkeypatch.setattr(trt_plugin, "_failed", None)
+
+    def half_way(trt, trtp):
+        raise ValueError("No return annotation found for aot_impl function")
+
+    monkeypatch.setattr(trt_plugin, "_define", half_way)
+    with pytest.raises(ValueError, match="No return annotation"):
+        trt_plugin.register()
+    with pytest.raises(RuntimeError, match="registration already failed in this process .*No return annotation"):
         trt_plugin.register()
 
 

@@ -18,12 +18,15 @@ def run_engine(engine_bytes: bytes, feeds: dict) -> np.ndarray:
     for name, arr in feeds.items():
         t = torch.from_numpy(np.ascontiguousarray(arr)).cuda()
         keep[name] = t
-        ctx.set_input_shape(name, tuple(t.shape))
-        ctx.set_tensor_address(name, t.data_ptr())
+        assert ctx.set_input_shape(name, tuple(t.shape)), name
+        assert ctx.set_tensor_address(name, t.data_ptr()), name
     dtype = {trt.float32: torch.float32, trt.float16: torch.float16}[engine.get_tensor_dtype("y")]
     y = torch.empty(tuple(ctx.get_tensor_shape("y")), dtype=dtype, device="cuda")
-    ctx.set_tensor_address("y", y.data_ptr())
-    stream = torch.cuda.current_stream()
+    assert ctx.set_tensor_address("y", y.data_ptr())
+    # A stream of its own: TensorRT warns about, and synchronizes extra on, the legacy default
+    # stream. It waits for the uploads queued on torch's current stream first.
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
     assert ctx.execute_async_v3(stream.cuda_stream)
     stream.synchronize()
     return y.cpu().numpy()

@@ -84,7 +84,7 @@ def edit_manifest(d: Path, change) -> None:
     p.write_text(json.dumps(data))
 
 
-TORCH_SR = ["--task", "superres", "--backend", "torch", "--random-weights", "--width-div", "4"]
+TORCH_SR = ["--task", "superres", "--backend", "torch", "--random-weights", "--width-div", "4", "--no-align"]
 
 
 # -- 1. disk full while writing an image ------------------------------------------------------------
@@ -151,7 +151,7 @@ def test_03_folder_bucket_misfit_refused_before_any_result(tmp_path, artifacts):
     out = tmp_path / "out"
     out.mkdir()
     (out / "a.png").write_bytes(b"existing a")
-    line = one_error_line(sgex("runtime.cli", "--task", "superres", "--artifacts", str(artifacts),
+    line = one_error_line(sgex("runtime.cli", "--task", "superres", "--artifacts", str(artifacts), "--no-align",
                                "--input", str(tmp_path / "in"), "--output", str(out)))
     assert "b.png" in line and "bucket" in line
     assert listing(out) == ["a.png"] and (out / "a.png").read_bytes() == b"existing a"
@@ -305,7 +305,7 @@ def test_07_manifest_checked_against_the_task_table(artifacts, change, match):
 
 def test_07_cli_refuses_manifest_of_another_task(tmp_path, artifacts):
     edit_manifest(artifacts, lambda d: d.update(task="toonify"))
-    line = one_error_line(sgex("runtime.cli", "--task", "toonify", "--artifacts", str(artifacts),
+    line = one_error_line(sgex("runtime.cli", "--task", "toonify", "--artifacts", str(artifacts), "--no-align",
                                "--input", str(png(tmp_path / "i.png", (16, 16, 3))), "--output", str(tmp_path / "o.png")))
     assert "not a variant of task 'toonify'" in line
 
@@ -439,7 +439,7 @@ def test_13_late_errors_come_first_and_alone(tmp_path, artifacts, case):
     word = {"bucket_too_small": "largest exported bucket", "scale_0": "--scale 0", "scale_7": "--scale 7",
             "scale_-4": "--scale -4", "scale_sr32_only": "variant", "seed_-1": "--seed",
             "trt_without_engines": "no TensorRT engines", "device_typo": "--device"}[case]
-    line = one_error_line(sgex("runtime.cli", "--task", "superres", "--artifacts", str(artifacts),
+    line = one_error_line(sgex("runtime.cli", "--task", "superres", "--artifacts", str(artifacts), "--no-align",
                                "--input", str(src), "--output", str(tmp_path / "o.png"), *extra))
     assert word in line, line
     assert not (tmp_path / "o.png").exists()

@@ -115,7 +115,7 @@ def test_bad_input_one_line_no_output(tmp_path, case):
 
 
 def test_checkpoint_of_another_task(tmp_path, tiny_ckpt):
-    r = sgex_run("--task", "toonify", "--ckpt", tiny_ckpt("superres"), "--input", str(png(tmp_path / "a.png", (16, 16, 3))),
+    r = sgex_run("--task", "toonify", "--ckpt", tiny_ckpt("superres"), "--no-align", "--input", str(png(tmp_path / "a.png", (16, 16, 3))),
                  "--output", str(tmp_path / "o.png"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "superres" in r.stderr, r.stderr
     assert not (tmp_path / "o.png").exists()
@@ -135,7 +135,7 @@ def test_help_has_examples(capsys):
 def test_image_superres_scale(tmp_path, tiny_ckpt):
     src = png(tmp_path / "lr.png", (12, 10, 3))
     assert main(["--task", "superres", "--ckpt", tiny_ckpt("superres"), "--input", str(src),
-                 "--output", str(tmp_path / "sr.png"), "--scale", "8", "--device", "cpu"]) == 0
+                 "--output", str(tmp_path / "sr.png"), "--scale", "8", "--device", "cpu", "--no-align"]) == 0
     assert rio.read_image(tmp_path / "sr.png").shape == (96, 80, 3)  # 8 x the input
 
 
@@ -144,7 +144,7 @@ def test_folder(tmp_path, tiny_ckpt):
     png(tmp_path / "in" / "a.png", (16, 20, 3), 1)
     png(tmp_path / "in" / "b.jpg", (24, 16, 3), 2)
     assert main(["--task", "superres", "--backend", "torch", "--ckpt", tiny_ckpt("superres"), "--scale", "4",
-                 "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == 0
+                 "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--no-align"]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.jpg"]
     assert rio.read_image(tmp_path / "out" / "b.jpg").shape == (96, 64, 3)
 
@@ -152,7 +152,7 @@ def test_folder(tmp_path, tiny_ckpt):
 def test_video_round_trip(tmp_path, tiny_ckpt):
     src = mp4(tmp_path / "clip.mp4", frames=3, fps=10.0, size=(32, 24))
     out = tmp_path / "clip_out.mp4"
-    assert main(["--task", "superres", "--ckpt", tiny_ckpt("superres"), "--scale", "4",
+    assert main(["--task", "superres", "--ckpt", tiny_ckpt("superres"), "--scale", "4", "--no-align",
                  "--input", str(src), "--output", str(out)]) == 0
     cap = cv2.VideoCapture(str(out))
     n = 0
@@ -175,7 +175,7 @@ def test_random_weights_notice(tmp_path, caplog):
 def test_ort_cli_matches_torch_cli(tmp_path, tiny_superres_export, tiny_ckpt):
     art = tiny_superres_export  # superres, bucket 32
     src = png(tmp_path / "in.png", (6, 7, 3), 3)
-    common = ["--task", "superres", "--input", str(src), "--scale", "16", "--seed", "4"]  # x1 24x28
+    common = ["--task", "superres", "--input", str(src), "--scale", "16", "--seed", "4", "--no-align"]  # x1 24x28
     assert main(common + ["--artifacts", str(art.parent), "--output", str(tmp_path / "ort.png")]) == 0
     assert main(common + ["--ckpt", tiny_ckpt("superres"), "--output", str(tmp_path / "pt.png")]) == 0
     a, b = rio.read_image(tmp_path / "ort.png"), rio.read_image(tmp_path / "pt.png")
@@ -188,6 +188,6 @@ def test_ort_cli_matches_torch_cli(tmp_path, tiny_superres_export, tiny_ckpt):
     # ort vs torch through the whole CLI (tight float bounds: test_engine.py). The tiny random
     # checkpoint's w+ is ~1e3, which turns float32 noise into a few pixel levels at a few pixels.
     assert (a != b).mean() < 5e-3
-    r = sgex_run("--task", "toonify", "--artifacts", str(art), "--input", str(src), "--output", str(tmp_path / "x.png"))
+    r = sgex_run("--task", "toonify", "--artifacts", str(art), "--no-align", "--input", str(src), "--output", str(tmp_path / "x.png"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not 'toonify'" in r.stderr, r.stderr
     assert not (tmp_path / "x.png").exists()

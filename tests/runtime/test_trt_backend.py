@@ -2,9 +2,11 @@
 
 CPU (default run): the manifest compatibility checks (TensorRT version, GPU, sha256, stale ONNX),
 the profile check of feeds, the missing-dependency message, and the backend's own control flow
-(shape sets, pinned copies, CUDA-graph capture order and replay, LRU release) against an in-process
-fake of the tensorrt and cuda-python modules. The fake checks sgex's bookkeeping only; it says
-nothing about TensorRT itself.
+(shape sets, pinned copies, one execution context per shape set under CUDA graphs on shared
+user-managed memory, synchronize-then-capture order and replay, the capture-failure path, LRU
+release, the driver-too-old message, cudaSetDevice on a worker thread) against an in-process fake
+of the tensorrt and cuda-python modules that follows the documented CUDA semantics (see
+_FakeCudart). The fake checks sgex's bookkeeping only; it says nothing about TensorRT itself.
 
 `trt` marker (skips without TensorRT): the real thing end to end: export a small bucket of a tiny
 random checkpoint in FP16, build the engine, run it through runtime.Engine(backend="trt"), compare
@@ -19,7 +21,9 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import logging
 import sys
+import threading
 import types
 
 import numpy as np
@@ -132,7 +136,12 @@ def test_missing_cuda_python_names_the_extra(no_tensorrt):
 # -- backend control flow against a fake tensorrt + cuda-python --------------------------------------
 class _FakeCudart(types.ModuleType):
     """Host memory stands in for device memory; capture records the context's work as closures
-    with the addresses of capture time (as a CUDA graph bakes its kernel arguments)."""
+    with the addresses of capture time (as a CUDA graph bakes its kernel arguments).
+
+    Documented CUDA semantics it follows: the current device is per host thread (cudaSetDevice);
+    a capture that was invalidated makes cudaStreamEndCapture return
+    cudaErrorStreamCaptureInvalidated and no graph, and leaves that error for cudaGetLastError,
+    which returns and clears it. `pending` counts work queued since the last synchronize."""
 
     class cudaMemcpyKind:
         cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
@@ -140,12 +149,21 @@ class _FakeCudart(types.ModuleType):
     class cudaStreamCaptureMode:
         cudaStreamCaptureModeThreadLocal = 1
 
+    ERRORS = {0: b"cudaSuccess", 35: b"cudaErrorInsufficientDriver", 901: b"cudaErrorStreamCaptureInvalidated"}
+
     def __init__(self):
         super().__init__("cuda.bindings.runtime")
         self.mem, self.capturing, self.recorded, self.launches = {}, False, None, 0
         self.mallocs = self.frees = 0
+        self.invalidated, self.last_error, self.pending = False, 0, 0
+        self.begin_captures, self.pending_at_capture = 0, []
+        self.device_of_thread, self.set_device_result = {}, 0
+
+    def _need_device(self):
+        assert threading.get_ident() in self.device_of_thread, "CUDA call before cudaSetDevice on this thread"
 
     def _alloc(self, n):
+        self._need_device()
         buf = ctypes.create_string_buffer(n)
         self.mem[ctypes.addressof(buf)] = buf
         return 0, ctypes.addressof(buf)
@@ -154,7 +172,9 @@ class _FakeCudart(types.ModuleType):
         return 0, types.SimpleNamespace(name=GPU.encode() + b"\0\0", major=9, minor=0)
 
     def cudaSetDevice(self, i):
-        return (0,)
+        if self.set_device_result == 0:
+            self.device_of_thread[threading.get_ident()] = i
+        return (self.set_device_result,)
 
     def cudaStreamCreate(self):
         return 0, 77
@@ -178,39 +198,53 @@ class _FakeCudart(types.ModuleType):
         return (0,)
 
     def cudaMemcpyAsync(self, dst, src, n, kind, stream):
+        self._need_device()
         assert not self.capturing, "copies must stay outside the CUDA graph"
         assert dst in self.mem and src in self.mem
         ctypes.memmove(dst, src, n)
+        self.pending += 1
         return (0,)
 
     def cudaStreamSynchronize(self, s):
+        self.pending = 0
         return (0,)
 
     def cudaStreamBeginCapture(self, s, mode):
-        self.capturing, self.recorded = True, []
+        self.capturing, self.recorded, self.invalidated = True, [], False
+        self.begin_captures += 1
+        self.pending_at_capture.append(self.pending)
         return (0,)
 
     def cudaStreamEndCapture(self, s):
         self.capturing = False
+        if self.invalidated:
+            self.last_error = 901
+            return 901, None
         return 0, self.recorded
+
+    def cudaGetLastError(self):
+        err, self.last_error = self.last_error, 0
+        return (err,)
 
     def cudaGraphInstantiate(self, graph, flags):
         return 0, list(graph)
 
     def cudaGraphLaunch(self, exe, s):
         self.launches += 1
+        self.pending += 1
         for op in exe:
             op()
         return (0,)
 
     def cudaGraphDestroy(self, g):
+        assert g is not None
         return (0,)
 
     def cudaGraphExecDestroy(self, g):
         return (0,)
 
     def cudaGetErrorName(self, err):
-        return 0, b"cudaErrorFake"
+        return 0, self.ERRORS.get(int(err), b"cudaErrorFake")
 
 
 def _view(ptr, shape):
@@ -224,10 +258,17 @@ def _compute(x1, w):
 
 
 class _FakeContext:
-    def __init__(self, cudart):
-        self.cudart, self.shapes, self.addr, self.flushed, self.executes = cudart, {}, {}, True, 0
+    def __init__(self, engine, strategy):
+        self.cudart, self.engine, self.strategy = engine.cudart, engine, strategy
+        self.shapes, self.addr, self.flushed, self.executes = {}, {}, True, 0
+        self.device_memory, self.captured, self.changed_after_capture = None, False, 0
+
+    def set_device_memory(self, ptr, size):
+        assert self.strategy == "user_managed" and size >= self.engine.device_memory_size_v2
+        self.device_memory = ptr
 
     def set_input_shape(self, name, shape):
+        self.changed_after_capture += self.captured
         self.shapes[name], self.flushed = tuple(shape), False
         return True
 
@@ -236,10 +277,12 @@ class _FakeContext:
         return (b, c, 4 * h, 4 * w)
 
     def set_tensor_address(self, name, ptr):
+        self.changed_after_capture += self.captured
         self.addr[name] = ptr
         return True
 
     def execute_async_v3(self, stream):
+        assert self.strategy != "user_managed" or self.device_memory is not None
         if self.cudart.capturing and not self.flushed:
             return False  # TensorRT: enqueue once outside capture after a shape change
         shapes, addr = dict(self.shapes), dict(self.addr)
@@ -249,20 +292,26 @@ class _FakeContext:
             _view(addr["y"], yshape)[...] = _compute(_view(addr["x1"], shapes["x1"]), _view(addr["wplus"], shapes["wplus"]))
 
         if self.cudart.capturing:
+            self.captured = True
+            if self.engine.breaks_capture(shapes):
+                self.cudart.invalidated = True  # e.g. a synchronizing call inside the enqueue
             self.cudart.recorded.append(op)
         else:
             self.executes += 1
             self.flushed = True
+            self.cudart.pending += 1
             op()
         return True
 
 
 class _FakeEngine:
     names = ("x1", "wplus", "y")
+    device_memory_size_v2 = 4096
 
     def __init__(self, cudart):
         self.cudart, self.contexts = cudart, []
         self.num_io_tensors = 3
+        self.breaks_capture = lambda shapes: False
 
     def get_tensor_name(self, i):
         return self.names[i]
@@ -273,8 +322,8 @@ class _FakeEngine:
     def get_tensor_mode(self, name):
         return "in" if name != "y" else "out"
 
-    def create_execution_context(self):
-        self.contexts.append(_FakeContext(self.cudart))
+    def create_execution_context(self, strategy="static"):
+        self.contexts.append(_FakeContext(self, strategy))
         return self.contexts[-1]
 
 
@@ -287,6 +336,7 @@ def fake_trt(monkeypatch, tmp_path):
     trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, sev: None})
     trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
     trt.DataType = types.SimpleNamespace(FLOAT="float", HALF="half")
+    trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(STATIC="static", USER_MANAGED="user_managed")
 
     class Runtime:
         def __init__(self, logger):
@@ -332,16 +382,80 @@ def test_fake_run_reuses_buffers_per_shape(fake_trt):
     assert fake_trt.cudart.frees == 6 and not fake_trt.cudart.mem
 
 
-def test_fake_cuda_graphs_capture_after_one_enqueue_and_replay(fake_trt):
+def test_fake_run_without_graphs_uses_one_context(fake_trt):
+    rng = np.random.default_rng(6)
+    with tb.TrtBackend(fake_trt.dir, fake_trt.manifest, None, buffers="cuda-python") as be:
+        for b, h, w in [(1, 64, 64), (2, 32, 96), (1, 64, 64)]:
+            f = _feeds(rng, b, h, w)
+            np.testing.assert_array_equal(be.run("synth@128", f)["y"], _compute(f["x1"], f["wplus"]))
+    (eng,) = fake_trt.engines
+    assert [c.strategy for c in eng.contexts] == ["static"] and eng.contexts[0].executes == 3
+
+
+def test_fake_cuda_graphs_one_context_per_shape_set(fake_trt):
     rng = np.random.default_rng(1)
     be = tb.TrtBackend(fake_trt.dir, fake_trt.manifest, None, cuda_graphs=True, buffers="cuda-python")
     shapes = [(1, 64, 64), (1, 64, 64), (2, 32, 96), (1, 64, 64), (2, 32, 96), (1, 64, 64)]
     for b, h, w in shapes:
         f = _feeds(rng, b, h, w)
         np.testing.assert_array_equal(be.run("synth@128", f)["y"], _compute(f["x1"], f["wplus"]))
-    ctx = fake_trt.engines[0].contexts[0]
-    assert ctx.executes == 2  # one ordinary enqueue per shape set, before its capture
-    assert fake_trt.cudart.launches == 4  # every later call replays its shape set's graph
+    cudart, (eng,) = fake_trt.cudart, fake_trt.engines
+    assert len(eng.contexts) == 2  # one per shape set
+    assert {c.strategy for c in eng.contexts} == {"user_managed"}
+    assert len({c.device_memory for c in eng.contexts}) == 1  # one shared block
+    assert [c.executes for c in eng.contexts] == [1, 1]  # the ordinary enqueue before each capture
+    assert [c.changed_after_capture for c in eng.contexts] == [0, 0]  # never reconfigured behind a graph
+    assert cudart.begin_captures == 2 and cudart.pending_at_capture == [0, 0]  # synchronized first
+    assert cudart.launches == 4  # every later call replays its shape set's graph
+    be.close()
+    assert not cudart.mem  # buffers and the shared block freed
+
+
+def test_fake_capture_failure_runs_without_graph_logged_once(fake_trt, caplog):
+    rng = np.random.default_rng(7)
+    cudart, broken = fake_trt.cudart, (1, 3, 32, 96)
+    be = tb.TrtBackend(fake_trt.dir, fake_trt.manifest, None, cuda_graphs=True, buffers="cuda-python")
+    be._load("synth@128").engine.breaks_capture = lambda shapes: shapes["x1"] == broken
+    with caplog.at_level(logging.WARNING, logger=tb.__name__):
+        for b, h, w in [(1, 32, 96), (1, 64, 64), (1, 32, 96), (1, 32, 96), (1, 64, 64)]:
+            f = _feeds(rng, b, h, w)
+            np.testing.assert_array_equal(be.run("synth@128", f)["y"], _compute(f["x1"], f["wplus"]))
+            assert cudart.last_error == 0  # the capture error was cleared
+    warnings = [r.getMessage() for r in caplog.records if "capture failed" in r.getMessage()]
+    assert len(warnings) == 1 and "cudaErrorStreamCaptureInvalidated" in warnings[0] and "32, 96" in warnings[0]
+    assert cudart.begin_captures == 2  # the failed shape set is not captured again
+    ctx_broken, ctx_ok = fake_trt.engines[0].contexts
+    assert ctx_broken.executes == 3 and ctx_ok.executes == 1  # graph-less runs vs one enqueue + replay
+    assert cudart.launches == 1
+    be.close()
+
+
+def test_fake_driver_too_old_is_one_line(fake_trt):
+    fake_trt.cudart.set_device_result = 35
+    with pytest.raises(SgexError) as e:
+        tb.TrtBackend(fake_trt.dir, fake_trt.manifest, None, buffers="cuda-python")
+    msg = str(e.value)
+    assert "\n" not in msg and "cudaErrorInsufficientDriver" in msg
+    assert "'sgex[trt]' for CUDA 13" in msg and "'sgex[trt-cu12]' for CUDA 12" in msg
+
+
+def test_fake_run_from_another_thread_sets_the_device(fake_trt):
+    rng = np.random.default_rng(8)
+    be = tb.TrtBackend(fake_trt.dir, fake_trt.manifest, "cuda:1", buffers="cuda-python")
+    f, out, errors = _feeds(rng, 1, 32, 32), {}, []
+
+    def work():
+        try:
+            out.update(be.run("synth@128", f))
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert not errors, errors
+    np.testing.assert_array_equal(out["y"], _compute(f["x1"], f["wplus"]))
+    assert fake_trt.cudart.device_of_thread[t.ident] == 1
     be.close()
 
 
@@ -384,12 +498,13 @@ def test_fake_jit_plugin_registers_before_deserializing(fake_trt, monkeypatch):
         tb.TrtBackend(fake_trt.dir, fake_trt.manifest, None, cuda_graphs=True, buffers="cuda-python")
     order = []
     monkeypatch.setattr(trt_plugin, "register", lambda: order.append("register"))
+    monkeypatch.setattr(trt_plugin, "require_jit_runtime", lambda: order.append("jit deps"))
     real = sys.modules["tensorrt"].Runtime.deserialize_cuda_engine
     monkeypatch.setattr(sys.modules["tensorrt"].Runtime, "deserialize_cuda_engine",
                         lambda self, data: order.append("deserialize") or real(self, data))
     with tb.TrtBackend(fake_trt.dir, fake_trt.manifest, None, buffers="cuda-python") as be:
         be.run("synth@128", _feeds(np.random.default_rng(5), 1, 32, 32))
-    assert order == ["register", "deserialize"]
+    assert order == ["jit deps", "register", "deserialize"]
 
 
 def test_fake_refuses_old_tensorrt(fake_trt, monkeypatch):

@@ -6,10 +6,19 @@ Backends (each only if available; one named explicitly that is not available is 
                   the style code is recomputed for every image and every video frame, the x1
                   encoder pass computes its 18 unused style heads, modulated convs are grouped.
   torch           sgex's PyTorch path: `style` once per image (once per clip in video mode), then
-                  `synth` (or `translate`); unused style heads skipped. FP16 on CUDA, FP32 on CPU.
+                  `synth` (or `translate`); unused style heads skipped. FP16 on CUDA with the
+                  precision plan's FP32 islands (--plan; default plan otherwise) and the fused
+                  Triton op for every stride-1 modulated conv; FP32 on CPU.
+  torch-cudagraph the torch path with every (graph, bucket, batch, size) captured once as a CUDA
+                  graph and replayed (CUDA only; named explicitly, never chosen by default).
+  torch-compile   the torch path through torch.compile(--compile-mode, dynamic=False) (named
+                  explicitly, never chosen by default: compiling takes minutes).
   ort             the exported ONNX graphs through `runtime.Engine(backend="ort")`; exported to a
                   temporary directory with `export.onnx.export_task` when --artifacts is not given.
   trt             the TensorRT engines of --artifacts through `runtime.Engine(backend="trt")`.
+  openvino-fp32   the exported ONNX graphs through `runtime.Engine(backend="openvino",
+  openvino-bf16   precision="fp32" | "bf16")` on the CPU (compiled before timing); bf16 only on an
+                  --artifacts directory that passed the BF16 gate (sgex-calib --bf16), never forced.
 
 Modes: "image" times style + synth per image (batch); "video" times style once per clip and synth
 per frame (the baseline recomputes the style per frame, as the official video script does).
@@ -61,23 +70,32 @@ from runtime._cli import run_main, setup_logging
 from runtime.buckets import check_side
 from runtime.errors import MissingDependency, SgexError
 from runtime.manifest import atomic_write_bytes, atomic_write_text, graph_key
-from runtime.tasks import ALIGNED_SIZE, N_LATENT, N_NOISE, TASKS, get_task, output_size
+from runtime.tasks import ALIGNED_SIZE, N_LATENT, N_NOISE, OUTPUT_SCALE, TASKS, get_task, output_size
 
 log = logging.getLogger(__name__)
 
 FORMAT = "sgex-bench"
 VERSION = 1
 BASELINE = "torch-official"
-BACKENDS = ("torch-official", "torch", "ort", "trt")
+BACKENDS = ("torch-official", "torch", "ort", "trt", "openvino-fp32", "openvino-bf16", "torch-cudagraph",
+            "torch-compile")
+# Variants of the torch path: run only when named (capture and compile cost minutes, CUDA graphs
+# need a GPU), so "every available backend" stays what it was.
+TORCH_VARIANTS = {"torch-cudagraph": {"cuda_graphs": True}, "torch-compile": {"compile": True}}
+OPENVINO = {"openvino-fp32": "fp32", "openvino-bf16": "bf16"}  # bench name -> openvino precision
 MODES = ("image", "video")
 PSNR_PEAK = 2.0  # nominal output range [-1, 1]
 DISAGREE = 1e-2  # relative max |diff| above which a backend is logged as disagreeing (FP16 ~1e-3)
+# BF16 keeps 8 significant bits (FP16: 11): its max |diff| is ~8x FP16's; its accuracy is gated by
+# PSNR in sgex-calib --bf16, so the log threshold scales with the format instead of flagging every run
+DISAGREE_BY_PRECISION = {"bf16": 8 * DISAGREE}
 FLOP_COUNTER = "torch.utils.flop_counter.FlopCounterMode (1 multiply-add = 2 FLOP)"
 
 
 @dataclass
 class BenchConfig:
-    """What to benchmark. `res` is the x1 side (the bucket); outputs are 4*res."""
+    """What to benchmark. `res`: the buckets, named by their output side (runtime/buckets.py); each
+    is timed at its largest x1, res/4 x res/4, so the output is res x res."""
 
     task: str
     res: tuple[int, ...]
@@ -94,13 +112,15 @@ class BenchConfig:
     seed: int = 0
     width_div: int = 1  # channel divisor of random weights (tests use 4)
     command: str | None = None  # the command line, recorded in the JSON
+    plan: str | None = None  # precision plan JSON of the CUDA FP16 torch path (None: default plan)
+    compile_mode: str = "default"  # torch.compile mode of torch-compile
     faces_photo: str | None = None  # time the face stages (runtime.faces) per frame on this photo
     end_to_end: bool = True  # video mode: also time decode + model + encode (runtime.video), serial and pipelined
 
     def check(self) -> None:
         get_task(self.task)
         if not self.res:
-            raise SgexError("--res needs at least one side")
+            raise SgexError("--res needs at least one bucket (output side)")
         for r in self.res:
             check_side(r)
         if self.mode not in MODES:
@@ -122,6 +142,14 @@ class BenchConfig:
                 raise SgexError(f"unknown backend {unknown[0]!r} (choose from: {', '.join(BACKENDS)})")
             if not self.backends:
                 raise SgexError("--backends is empty")
+        from runtime.backends.torch_gpu import COMPILE_MODES
+
+        if self.compile_mode not in COMPILE_MODES:
+            raise SgexError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        if self.plan is not None:
+            from export.fp16 import load_plan
+
+            load_plan(self.plan, self.task)
 
 
 # -- availability -------------------------------------------------------------------------------
@@ -142,8 +170,10 @@ def backend_unavailable(name: str, device: str, artifacts: str | None, task: str
     """Why backend `name` cannot run here (one line with the install hint), or None."""
     if not _has("torch"):  # every backend needs the checkpoint loaded by PyTorch (inputs, baseline)
         return str(MissingDependency("PyTorch", "torch"))
-    if name in ("torch-official", "torch"):
+    if name in ("torch-official", "torch", "torch-compile"):
         return None
+    if name == "torch-cudagraph":
+        return None if device == "cuda" else "CUDA graphs need --device cuda"
     if name == "ort":
         if not _has("onnxruntime"):
             return str(MissingDependency("onnxruntime", "onnx"))
@@ -156,6 +186,8 @@ def backend_unavailable(name: str, device: str, artifacts: str | None, task: str
                 return ("onnxruntime has no CUDAExecutionProvider (pip uninstall onnxruntime && "
                         "pip install -c constraints.txt onnxruntime-gpu)")
         return None
+    if name in OPENVINO:
+        return _openvino_unavailable(OPENVINO[name], device, artifacts, task)
     if name == "trt":
         if not _has("tensorrt"):
             return str(MissingDependency("TensorRT", "trt"))
@@ -171,6 +203,25 @@ def backend_unavailable(name: str, device: str, artifacts: str | None, task: str
     raise SgexError(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")
 
 
+def _openvino_unavailable(precision: str, device: str, artifacts: str | None, task: str) -> str | None:
+    if not _has("openvino"):
+        return str(MissingDependency("OpenVINO", "openvino"))
+    if device != "cpu":
+        return "OpenVINO runs on --device cpu"
+    if artifacts is None and not (_has("onnx") and _has("onnxscript")):
+        return str(MissingDependency("onnx/onnxscript (to export the graphs; or pass --artifacts)", "onnx"))
+    if precision == "bf16":
+        from runtime.backends import openvino_bf16_ready
+        from runtime.manifest import Manifest
+
+        if artifacts is None:
+            return "openvino-bf16 needs --artifacts DIR that passed the BF16 gate (sgex-calib --bf16 --artifacts DIR)"
+        ok, why = openvino_bf16_ready(Manifest.load(task_dir(artifacts, task)))
+        if not ok:
+            return why
+    return None
+
+
 def resolve_backends(cfg: BenchConfig) -> list[str]:
     """The requested backends (each checked) or every available one (logged), baseline first."""
     if cfg.backends is not None:
@@ -181,7 +232,7 @@ def resolve_backends(cfg: BenchConfig) -> list[str]:
         chosen = list(dict.fromkeys(cfg.backends))
     else:
         chosen, skipped = [], []
-        for b in BACKENDS:
+        for b in (b for b in BACKENDS if b not in TORCH_VARIANTS):
             why = backend_unavailable(b, cfg.device, cfg.artifacts, cfg.task)
             if why:
                 skipped.append(f"{b}: {why}")
@@ -224,7 +275,7 @@ class BenchInputs:
 
 def make_inputs(task_name: str, res: int, batch: int, n_frames: int, seed: int, style_dim: int,
                 editing_w, noise: bool) -> BenchInputs:
-    """Seeded random inputs for one bucket (frame t draws from stream (seed, 1, t), x2 from
+    """Seeded random inputs at x1 side `res` (frame t draws from stream (seed, 1, t), x2 from
     (seed, 2)). z and the explicit noise follow the runtime's rule exactly
     (`runtime.engine.make_random_inputs(seed, ...)`), so the inputs are those `sgex-run` feeds."""
     import numpy as np
@@ -258,31 +309,42 @@ def make_inputs(task_name: str, res: int, batch: int, n_frames: int, seed: int, 
 # -- runners: one per backend; style() -> handle, frame(t, handle) -> output --------------------
 
 class _TorchRunner:
-    """torch-official (forward_official, FP32) or torch (style once + synth/translate)."""
+    """torch-official (forward_official, FP32) or an sgex torch path (style once + synth/translate
+    through runtime.backends.torch_gpu.TorchPath: torch, torch-cudagraph, torch-compile)."""
 
-    def __init__(self, name: str, model, inputs: BenchInputs, task, device: str, dtype):
+    def __init__(self, name: str, model, inputs: BenchInputs, task, device: str, dtype, path=None,
+                 res: int | None = None):
         import torch
 
         self.name, self.model, self.task, self.device, self.dtype = name, model, task, device, dtype
-        self.precision = {torch.float32: "fp32", torch.float16: "fp16"}[dtype]
+        self.path, self.res = path, res
+        self.precision = path.precision if path is not None else {torch.float32: "fp32",
+                                                                  torch.float16: "fp16"}[dtype]
         self.timer = "cuda-events" if device == "cuda" else "perf_counter"  # (meta: FLOP counting only)
         self.stages = ("forward",) if name == BASELINE or "style" not in task.graphs else ("style", "synth")
 
-        def t(a):
-            return None if a is None else torch.from_numpy(a).to(device=device, dtype=dtype)
+        def t(a, key):
+            if a is None:
+                return None
+            return torch.from_numpy(a).to(device=device, dtype=path.input_dtype(key) if path else dtype)
 
-        self.frames = [t(f) for f in inputs.frames]
-        self.x2, self.z, self.editing_w = t(inputs.x2), t(inputs.z), t(inputs.editing_w)
-        self.noises = None if inputs.noises is None else [t(n) for n in inputs.noises]
+        self.frames = [t(f, "x1") for f in inputs.frames]
+        self.x2, self.z, self.editing_w = t(inputs.x2, "x2"), t(inputs.z, "z"), t(inputs.editing_w, "editing_w")
+        self.noises = None if inputs.noises is None else [t(n, "noise") for n in inputs.noises]
         impl = getattr(model, "modconv_impl", None)
-        self.detail = (f"torch {torch.__version__} {device} {self.precision} eager"
-                       + ("" if name == BASELINE else f", modconv impl {impl}"))
+        how = "eager" if path is None else path.describe()
+        self.detail = f"torch {torch.__version__} {device} {self.precision} {how}"
         self.settings = {"threads": torch.get_num_threads(), "modconv_impl": "official (grouped)"
                          if name == BASELINE else impl}
+        if path is not None:
+            self.settings.update(fp32_islands=len(path.islands), cuda_graphs=path.graphs is not None,
+                                 compile_mode=path.compile_mode)
 
     def style(self):
         if self.name == BASELINE or "style" not in self.task.graphs:
             return None
+        if self.path is not None:
+            return self.path.run("style", self.res, x2=self.x2)
         return self.model.style(self.x2)
 
     def frame(self, t: int, wplus):
@@ -291,6 +353,11 @@ class _TorchRunner:
             if "translate" in self.task.graphs:
                 return m.forward_official(self.frames[t], z=self.z, noises=self.noises)
             return m.forward_official(self.frames[t], self.x2, editing_w=self.editing_w, noises=self.noises)
+        if self.path is not None:
+            if "translate" in self.task.graphs:
+                return self.path.run("translate", self.res, x=self.frames[t], z=self.z, noises=self.noises)
+            return self.path.run("synth", self.res, x1=self.frames[t], wplus=wplus,
+                                 editing_w=self.editing_w, noises=self.noises)
         if "translate" in self.task.graphs:
             return m.translate(self.frames[t], self.z, noises=self.noises)
         return m.synth(self.frames[t], wplus, editing_w=self.editing_w, noises=self.noises)
@@ -311,13 +378,17 @@ class _EngineRunner:
         from runtime.engine import Engine
 
         self.name, self.task, self.inputs = name, task, inputs
-        self.engine = Engine(artifacts, backend=name, device=device, task=task.name)
+        if name in OPENVINO:
+            self.engine = Engine(artifacts, backend="openvino", device=device, task=task.name,
+                                 precision=OPENVINO[name])
+        else:
+            self.engine = Engine(artifacts, backend=name, device=device, task=task.name)
         m = self.engine.manifest
         self.key = graph_key(task.graphs[-1], res)
         names = [i["name"] for i in m.graph(self.key)["inputs"]]
         self.timer = "perf_counter" if device == "cpu" else "perf_counter+cuda-synchronize (host arrays)"
         self.precision = (m.engines.get(self.key, {}).get("precision", m.precision) if name == "trt"
-                          else m.precision)
+                          else OPENVINO.get(name, m.precision))
         self.detail = self.engine.backend.describe()
         self.stages = ("style", "synth") if "style" in task.graphs else ("forward",)
         self.feeds = []
@@ -346,6 +417,12 @@ class _EngineRunner:
                                       "intra_op_num_threads": so.intra_op_num_threads,
                                       "inter_op_num_threads": so.inter_op_num_threads,
                                       "execution_mode": str(so.execution_mode)}
+        if name in OPENVINO:  # compile outside the timing too
+            be = self.engine.backend
+            for key in (["style"] if "style" in task.graphs else []) + [self.key]:
+                be.compiled(key)
+                self.settings[key] = {"config": {k: str(v) for k, v in be.config.items()},
+                                      "fp32_pins": len(be.pins.get(key, []))}
 
     def style(self):
         if "style" not in self.task.graphs:
@@ -688,7 +765,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                         "are those of the real network sizes", cfg.seed, cfg.width_div)
         ck = load_or_random(cfg.task, cfg.ckpt, cfg.random_weights, seed=cfg.seed, width_div=cfg.width_div)
         artifacts = None if cfg.artifacts is None else task_dir(cfg.artifacts, cfg.task)
-        if any(b in ("ort", "trt") for b in backends):
+        if any(b in ("ort", "trt", *OPENVINO) for b in backends):
             if artifacts is None:
                 artifacts = _export(cfg, os.path.join(tmp.name, "artifacts"))
             from runtime.manifest import Manifest
@@ -704,16 +781,12 @@ def run_benchmark(cfg: BenchConfig) -> dict:
 
         model = build_model(ck, cfg.task).eval().to(cfg.device)
         ck.state_dict = {}  # the model holds copies; dropping the file's tensors frees ~1.3 GB of RSS
-        fp16_model = None
-        if "torch" in backends and cfg.device == "cuda":
-            import copy
-
-            fp16_model = copy.deepcopy(model).half().set_modconv_impl("auto")
+        paths = torch_paths(cfg, backends, model)
         editing_w = None if ck.editing_w is None else ck.editing_w.float().cpu().numpy()
 
         runs = []
         for res in cfg.res:
-            runs.append(_bench_bucket(cfg, backends, task, res, model, fp16_model, artifacts, editing_w,
+            runs.append(_bench_bucket(cfg, backends, task, res, model, paths, artifacts, editing_w,
                                       noise, ck))
         faces = None
         if cfg.faces_photo is not None:
@@ -736,7 +809,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                         load_avg_end=list(os.getloadavg())),
         "versions": {"sgex": _version("sgex"), "torch": torch.__version__, "numpy": np.__version__,
                      "onnxruntime": _version("onnxruntime"), "onnx": _version("onnx"),
-                     "tensorrt": _version("tensorrt")},
+                     "tensorrt": _version("tensorrt"), "openvino": _version("openvino")},
         "threads": _threads(),
         "noise": "explicit" if noise else "zero",
         "flop_counter": FLOP_COUNTER,
@@ -745,6 +818,39 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                            f"and with the baseline's own range as peak",
         "runs": runs,
     }
+
+
+def torch_paths(cfg: BenchConfig, backends, model) -> dict:
+    """backend name -> runtime.backends.torch_gpu.TorchPath for every sgex torch backend: FP16 with
+    the plan's FP32 islands and modconv impl auto (the fused Triton op) on CUDA, FP32 on CPU; the
+    variants add CUDA graphs or torch.compile. Each CUDA path owns a copy of the model (the FP16
+    cast and its hooks change the module)."""
+    import copy
+
+    from runtime.backends.torch_gpu import TorchPath
+
+    cuda = cfg.device == "cuda"
+    paths = {}
+    for name in backends:
+        if name != "torch" and name not in TORCH_VARIANTS:
+            continue
+        m = copy.deepcopy(model) if cuda or name in TORCH_VARIANTS else model
+        paths[name] = TorchPath(m, cfg.device, modconv_impl="auto" if cuda else None,
+                                **torch_options(cfg, name))
+    return paths
+
+
+def torch_options(cfg: BenchConfig, name: str) -> dict:
+    """TorchPath/TorchBackend options of sgex torch backend `name` (torch or a TORCH_VARIANTS)."""
+    plan = None
+    if cfg.plan is not None:
+        from export.fp16 import load_plan
+
+        plan = load_plan(cfg.plan, cfg.task)
+    opts = TORCH_VARIANTS.get(name, {})
+    return {"precision": "fp16" if cfg.device == "cuda" else "fp32", "plan": plan,
+            "cuda_graphs": bool(opts.get("cuda_graphs")),
+            "compile_mode": cfg.compile_mode if opts.get("compile") else None}
 
 
 def bench_face_stages(photo: str, iters: int, warmup: int) -> dict:
@@ -788,18 +894,19 @@ def bench_face_stages(photo: str, iters: int, warmup: int) -> dict:
             "stages": {k: summarize(v) for k, v in times.items()}}
 
 
-def _bench_bucket(cfg, backends, task, res, model, fp16_model, artifacts, editing_w, noise, ck) -> dict:
+def _bench_bucket(cfg, backends, task, res, model, paths, artifacts, editing_w, noise, ck) -> dict:
     import torch
 
     n_frames = cfg.frames if cfg.mode == "video" else 1
-    inputs = make_inputs(cfg.task, res, cfg.batch, n_frames, cfg.seed, ck.config.style_dim, editing_w, noise)
+    side = res // OUTPUT_SCALE  # the bucket's largest x1
+    inputs = make_inputs(cfg.task, side, cfg.batch, n_frames, cfg.seed, ck.config.style_dim, editing_w, noise)
     B = cfg.batch
     base = _TorchRunner(BASELINE, model, inputs, task, cfg.device, torch.float32)
     flops = count_flops(ck.config, inputs, task)
     # useful work per image: what sgex computes (style once per clip in video mode)
     per_image = (flops["style"] / (n_frames if cfg.mode == "video" else 1) + flops["synth"]) / B
-    oh, ow = output_size(res, res)
-    result = {"res": res, "bucket": res, "mode": cfg.mode, "batch": B, "frames": n_frames,
+    oh, ow = output_size(side, side)
+    result = {"res": res, "bucket": res, "x1": side, "mode": cfg.mode, "batch": B, "frames": n_frames,
               "output_shape": [B, 3, oh, ow], "shapes": inputs.shapes(),
               "gflop": {"style_per_call": flops["style"] / 1e9, "synth_per_call": flops["synth"] / 1e9,
                         "official_per_call": flops["official"] / 1e9,
@@ -809,9 +916,9 @@ def _bench_bucket(cfg, backends, task, res, model, fp16_model, artifacts, editin
     for name in backends:
         if name == BASELINE:
             runner = base
-        elif name == "torch":
-            runner = _TorchRunner("torch", fp16_model or model, inputs, task, cfg.device,
-                                  torch.float16 if fp16_model is not None else torch.float32)
+        elif name in paths:
+            runner = _TorchRunner(name, paths[name].model, inputs, task, cfg.device, None,
+                                  path=paths[name], res=res)
         else:
             runner = _EngineRunner(name, artifacts, inputs, task, res, cfg.device)
         log.info("bucket %d: %s (%s)", res, name, runner.detail)
@@ -860,7 +967,8 @@ def _bench_bucket(cfg, backends, task, res, model, fp16_model, artifacts, editin
             "ref_abs_max": worst("ref_abs_max", max),
             "finite": all(c["finite"] for c in cmp), "identical": all(c["identical"] for c in cmp)}
         rel = row["accuracy"]["rel_max_abs_diff"]
-        if name != BASELINE and (not row["accuracy"]["finite"] or rel is None or rel > DISAGREE):
+        if name != BASELINE and (not row["accuracy"]["finite"] or rel is None
+                                  or rel > DISAGREE_BY_PRECISION.get(row["precision"], DISAGREE)):
             log.warning("bucket %d: %s DISAGREES with %s (max |diff| %.3g, relative %s): its timing "
                         "is not a valid comparison", res, name, BASELINE, row["accuracy"]["max_abs_diff"],
                         "n/a" if rel is None else f"{rel:.2g}")
@@ -903,9 +1011,11 @@ def make_clip(path: str, res: int, frames: int, seed: int, lib: str) -> dict:
 def _e2e_engine(cfg: BenchConfig, name: str, artifacts: str | None):
     from runtime.engine import Engine
 
-    if name == "torch":
+    if name == "torch" or name in TORCH_VARIANTS:
         return Engine.from_checkpoint(cfg.task, ckpt=cfg.ckpt, random_weights=cfg.random_weights,
-                                      device=cfg.device, seed=cfg.seed, width_div=cfg.width_div)
+                                      device=cfg.device, seed=cfg.seed, width_div=cfg.width_div,
+                                      modconv_impl="auto" if cfg.device == "cuda" else None,
+                                      torch_options=torch_options(cfg, name))
     return Engine(artifacts, backend=name, device=cfg.device, task=cfg.task)
 
 
@@ -1105,8 +1215,8 @@ def write_plot(path: str, result: dict) -> None:
         ax.bar(xs, p50, width, label=name, yerr=[[0] * len(runs), [b - a for a, b in zip(p50, p90)]],
                capsize=3)
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(runs))])
-    ax.set_xticklabels([f"{r['res']} -> {r['output_shape'][2]}" for r in runs])
-    ax.set_xlabel("bucket (x1 side -> output side)")
+    ax.set_xticklabels([f"{r['res']} (x1 {r['output_shape'][2] // 4})" for r in runs])
+    ax.set_xlabel("bucket = output side (x1 side)")
     per = "image batch" if result["config"]["mode"] == "image" else f"clip of {runs[0]['frames']} frames"
     ax.set_ylabel(f"ms per {per} (p50, whisker p90)")
     m = result["machine"]
@@ -1129,9 +1239,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "recipe (torch-official), with accuracy against it, on seeded random inputs.")
     p.add_argument("--task", required=True, choices=list(TASKS))
     p.add_argument("--res", required=True, type=int, nargs="+",
-                   help="x1 side(s) = bucket(s), multiples of 32; output is 4x")
+                   help="bucket(s): the OUTPUT side, multiples of 32; each is timed at its largest "
+                        "x1, res/4 x res/4")
     p.add_argument("--backends", type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
-                   help=f"comma list from {','.join(BACKENDS)} (default: every available one, logged)")
+                   help=f"comma list from {','.join(BACKENDS)} (default: every available one except "
+                        f"{' and '.join(TORCH_VARIANTS)}, logged)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--frames", type=int, default=8, help="video mode: frames per clip (default 8)")
     p.add_argument("--iters", type=int, default=10, help="timed calls (image) or clips (video)")
@@ -1144,6 +1256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of inputs, noise and random weights")
     p.add_argument("--width-div", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--plan", help="precision plan JSON (sgex-calib) of the CUDA FP16 torch path "
+                                  "(default: the default plan)")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode of the torch-compile backend (default: default)")
     p.add_argument("--faces-photo", metavar="PHOTO",
                    help="also time the face stages per frame (detect, crop/align, paste-back; needs sgex[faces]) "
                         "on this photo, e.g. examples/astronaut.png")
@@ -1165,7 +1281,8 @@ def main(argv: list[str] | None = None) -> int:
             task=args.task, res=tuple(args.res), backends=args.backends, batch=args.batch,
             frames=args.frames, iters=args.iters, warmup=args.warmup, mode=args.mode, ckpt=args.ckpt,
             random_weights=args.random_weights, artifacts=args.artifacts, device=args.device,
-            seed=args.seed, width_div=args.width_div, faces_photo=args.faces_photo, command=shlex.join(["sgex-bench", *argv]),
+            seed=args.seed, width_div=args.width_div, faces_photo=args.faces_photo,
+            command=shlex.join(["sgex-bench", *argv]), plan=args.plan, compile_mode=args.compile_mode,
             end_to_end=not args.no_end_to_end)
         result = run_benchmark(cfg)
         print(format_table(result))

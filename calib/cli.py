@@ -17,22 +17,27 @@ PROG = "sgex-calib"
 
 EXAMPLES = """\
 examples:
-  # plan for the superres checkpoint at bucket 512 from a folder of face crops, with a report
-  sgex-calib --task superres --res 512 --data faces/ --ckpt styleganex_sr.pt \\
+  # plan for the superres checkpoint at bucket 1024 (outputs up to 1024, x1 up to 256) from a
+  # folder of face crops, with a report
+  sgex-calib --task superres --res 1024 --data faces/ --ckpt styleganex_sr.pt \\
       --out plans/superres.json --report plans/superres.md
 
   # plan from 16 frames of a clip (frames spread over the video), stricter headroom
-  sgex-calib --task edit --res 256 --data clip.mp4 --ckpt styleganex_edit_hair.pt \\
+  sgex-calib --task edit --res 1024 --data clip.mp4 --ckpt styleganex_edit_hair.pt \\
       --out hair.json --samples 16 --headroom 16
 
   # no data, random weights (a smoke test of the pipeline; the plan is for noise)
-  sgex-calib --task sketch2face --res 64 --random-weights --width-div 4 --out plan.json
+  sgex-calib --task sketch2face --res 256 --random-weights --width-div 4 --out plan.json
 
   # calibrate an FP32 export you already have (no re-export)
-  sgex-calib --task superres --res 512 --artifacts artifacts/superres --out plan.json
+  sgex-calib --task superres --res 1024 --artifacts artifacts/superres --out plan.json
 
   # then export FP16 with the plan
-  sgex-export --task superres --res 512 --ckpt styleganex_sr.pt --precision fp16 --plan plans/superres.json
+  sgex-export --task superres --res 1024 --ckpt styleganex_sr.pt --precision fp16 --plan plans/superres.json
+
+  # OpenVINO BF16 gate of an FP32 export: BF16 vs FP32 per output and bucket, FP32 islands where
+  # needed, recorded in the export's manifest (the openvino backend's precision bf16 needs it)
+  sgex-calib --bf16 --artifacts artifacts/superres --data faces/ --report bf16.md
 
   # accuracy of an FP16 export against the FP32 export of the same checkpoint
   sgex-calib --compare artifacts-fp16/superres --reference artifacts/superres --report fp16.md
@@ -55,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--task", choices=list(TASKS), help="task to calibrate")
-    p.add_argument("--res", type=int, help="bucket side (multiple of 32) the graphs are calibrated at")
+    p.add_argument("--res", type=int, help="bucket the graphs are calibrated at: its OUTPUT side, a multiple "
+                   "of 32 (inputs are x1 up to res/4, multiples of 8)")
     p.add_argument("--data", metavar="DIR|VIDEO|IMAGE",
                    help="calibration inputs: a folder of images, a video or one image "
                    "(default: seeded synthetic inputs); mask2face reads label maps (values 0..18)")
@@ -78,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a tensor whose max |x| times this reaches 65504 stays FP32 (default 4)")
     p.add_argument("--max-mib", type=int, default=1024,
                    help="memory bound for intermediate activations per pass, MiB (default 1024)")
+    p.add_argument("--bf16", action="store_true",
+                   help="gate mode: measure OpenVINO BF16 against FP32 on --artifacts (every bucket), keep "
+                   "layers FP32 where --target-psnr is missed, and record the result in its manifest")
+    p.add_argument("--threads", type=int, help="CPU threads for --bf16 (default: the process's CPU set)")
     p.add_argument("--compare", metavar="DIR",
                    help="report mode: compare this exported task directory against --reference")
     p.add_argument("--reference", metavar="DIR", help="FP32 exported task directory for --compare")
@@ -111,6 +121,8 @@ def _run(args) -> int:
         write_report(report, js, md)
         sys.stdout.write(report.to_markdown())
         return 0
+    if args.bf16:
+        return _run_bf16(args)
     for flag, val in (("--task", args.task), ("--res", args.res), ("--out", args.out)):
         if val is None:
             raise SgexError(f"{flag} is required (see {PROG} --help)")
@@ -143,6 +155,40 @@ def _run(args) -> int:
     if unmet:
         raise SgexError(f"target PSNR {args.target_psnr:g} dB not reached for {', '.join(unmet)} "
                         f"(plan written anyway: {args.out}); see --report")
+    return 0
+
+
+def _run_bf16(args) -> int:
+    from runtime.errors import SgexError
+
+    if not args.artifacts:
+        raise SgexError("--bf16 needs --artifacts DIR (an fp32 portable export's task directory)")
+    if args.samples < 1:
+        raise SgexError(f"--samples must be >= 1, got {args.samples}")
+    if args.threads is not None and args.threads < 1:
+        raise SgexError(f"--threads must be >= 1, got {args.threads}")
+    from calib.bf16 import gate_artifacts, write_gate
+    from calib.compare import write_report
+    from runtime.engine import _task_dir
+
+    task_dir = _task_dir(args.artifacts, args.task)
+    bar = _Bar()
+    try:
+        record, report = gate_artifacts(task_dir, data=args.data, samples=args.samples, seed=args.seed,
+                                        target_psnr=args.target_psnr, threads=args.threads,
+                                        progress=bar.update, stage=bar.stage)
+    finally:
+        bar.close()
+    path = write_gate(task_dir, record)
+    if args.report:
+        md, js = _report_paths(args.report)
+        write_report(report, js, md)
+    sys.stdout.write(report.to_markdown())
+    print(f"bf16 gate {'PASSED' if record['passed'] else 'FAILED'}: recorded in {path}")
+    if not record["passed"]:
+        failed = [k for k, r in record["graphs"].items() if not r["passed"]]
+        raise SgexError(f"BF16 misses {args.target_psnr:g} dB on {', '.join(failed)} even with every layer "
+                        f"FP32-pinned that OpenVINO can pin (recorded as failed); use precision fp32")
     return 0
 
 

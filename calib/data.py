@@ -3,7 +3,8 @@
 A calibration set is a list of `Sample`s, each one runtime-sized input of batch 1:
 
     x1  float32 [1, C, h, w]   C = 3 (RGB in [-1,1]), 1 (sketch in [0,1]) or 19 (one-hot mask);
-                               h, w multiples of 32 and <= the bucket side
+                               h, w multiples of 8 and <= res/4, the largest x1 of the bucket
+                               (buckets are named by their output side res, runtime/buckets.py)
     x2  float32 [1, 3, 256, 256] in [-1,1] or None (RGB tasks: the aligned face the style code is
                                computed from; here the centre square of the image resized to 256,
                                since calibration needs the value ranges of a face-sized input,
@@ -16,8 +17,8 @@ Sources (one of):
   * nothing: seeded synthetic inputs (smooth random colour fields, sparse strokes for sketches,
     blocky label maps for masks), so a plan can be made without data and is reproducible.
 
-Images are centre-cropped to the bucket side when larger and reflect-padded to the next multiple
-of 32 with the runtime's own helpers (runtime.io). Mask tasks read
+Images are centre-cropped to the bucket's largest x1 side (res/4) when larger and reflect-padded
+to the next multiple of 8 with the runtime's own helpers (runtime.io). Mask tasks read
 label maps (pixel value = class index 0..18). Bad data raises SgexError with one line.
 
 `graph_feeds` turns a sample into the feed dict of one graph by reading the graph's input names,
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.errors import SgexError
-from runtime.tasks import N_MASK_CLASSES, N_NOISE, SIZE_MULTIPLE, get_task
+from runtime.tasks import N_MASK_CLASSES, N_NOISE, OUTPUT_SCALE, SIZE_MULTIPLE, get_task
 
 EDIT_SCALES = (1.0, -1.0, 2.0, -2.0)  # editing_w scales cycled over the samples (web UI range -2..2)
 
@@ -54,7 +55,7 @@ def _cv2():
 
 def _fit_to_bucket(img: np.ndarray, side: int) -> np.ndarray:
     """HxW(xC) uint8 -> centre crop to <= side per axis, then the runtime's bottom/right reflect
-    pad to a multiple of 32 (runtime.io.pad_to_multiple)."""
+    pad to a multiple of 8 (runtime.io.pad_to_multiple)."""
     from runtime.io import pad_to_multiple
 
     h, w = img.shape[:2]
@@ -69,7 +70,7 @@ def _fit_to_bucket(img: np.ndarray, side: int) -> np.ndarray:
 
 
 def sample_from_image(task: str, img: np.ndarray, side: int, name: str, seed: int) -> Sample:
-    """One decoded image (runtime.io.read_image: HxWx3 RGB, HxW grey or HxWx4 RGBA) -> a Sample,
+    """side: the largest x1 side (res/4). One decoded image (runtime.io.read_image: HxWx3 RGB, HxW grey or HxWx4 RGBA) -> a Sample,
     pre-processed with the runtime's own helpers (runtime.io)."""
     from runtime import io as rio
 
@@ -117,7 +118,7 @@ def _video_frames(path: str, n: int) -> list[tuple[str, np.ndarray]]:
 
 
 def synthetic_sample(task: str, side: int, seed: int) -> Sample:
-    """A seeded synthetic input at the full bucket side (side x side)."""
+    """A seeded synthetic input at the bucket's largest x1 (side x side, side = res/4)."""
     cv2 = _cv2()
     rng = np.random.default_rng(seed)
     kind = get_task(task).input_kind
@@ -141,12 +142,13 @@ def synthetic_sample(task: str, side: int, seed: int) -> Sample:
     return Sample(f"synthetic-{seed}", rgb_to_model(img[None]), rgb_to_model(centre_square_x2(img)[None]), seed)
 
 
-def load_samples(task: str, side: int, data: str | None = None, samples: int = 8, seed: int = 0) -> list[Sample]:
-    """The calibration set: `samples` inputs for `task` at bucket `side`.
+def load_samples(task: str, res: int, data: str | None = None, samples: int = 8, seed: int = 0) -> list[Sample]:
+    """The calibration set: `samples` inputs for `task` in bucket `res` (output side; x1 up to res/4).
 
     data: a folder of images, a video file, or None (synthetic). Sample i uses seed + i for its
     noise and z. Raises SgexError for an empty folder, unreadable files or a frameless video."""
     get_task(task)
+    side = res // OUTPUT_SCALE
     if samples < 1:
         raise SgexError(f"--samples must be >= 1, got {samples}")
     if data is None:

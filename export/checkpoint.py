@@ -6,8 +6,12 @@ Official file (spec 3.2): a dict with 'state_dict' (pSp.state_dict(): `encoder.*
 'discriminator' (ignored). Loading uses torch.load(weights_only=True): no code runs from a file.
 The configuration comes from the key set (spec 3.3), the task from runtime.tasks.TASKS.
 Constant buffers (blur kernels, fixed noise, BN num_batches_tracked) may or may not be in a file;
-they are accepted, ignored and rebuilt by export.networks. Every other key must match the model
-exactly (name and shape); anything missing or unexpected is an SgexError naming the keys.
+export.networks rebuilds them. The blur constants (decoder `*.blur_weight`, `*.blur.kernel`,
+`*.upsample.kernel`) are compared with the rebuilt values when present, and a file whose buffer
+differs is refused (it was saved by a modified model and would give a different image); fixed
+noise and num_batches_tracked are not used at inference and are ignored. Every other key must
+match the model exactly (name and shape); anything missing or unexpected is an SgexError naming
+the keys.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from export.networks import BatchNorm, EqualLinear, FusionLayer, ModelConfig, ModulatedConv2d, N_LATENT, StyleGANEX
+from export.networks import (BatchNorm, EqualLinear, FusionLayer, ModelConfig, ModulatedConv2d, N_LATENT, StyleGANEX,
+                             blur3_kernel, blur4_kernel)
 from runtime.errors import SgexError
 from runtime.tasks import TASKS, WIDTH_DIVS, get_task
 
@@ -35,6 +40,7 @@ __all__ = [
     "load_or_random",
     "expected_shapes",
     "constant_buffer_shapes",
+    "constant_value",
     "RANDOM_NOTICE",
 ]
 
@@ -107,6 +113,33 @@ def _constant_buffer_shapes(cfg: ModelConfig) -> dict[str, tuple]:
         if isinstance(m, BatchNorm):
             out[f"{name}.num_batches_tracked"] = ()
     return out
+
+
+CONSTANT_ATOL = 1e-6  # the official constants are exact in float32 (sixteenths); this only admits re-rounding
+
+
+def constant_value(key: str) -> torch.Tensor | None:
+    """The value sgex rebuilds for a constant blur buffer of an official file (spec 1.4, 1.5, 6), or
+    None for a buffer that is not a blur constant (fixed noise, num_batches_tracked):
+    `*.blur_weight` [1,1,3,3] = outer([1,2,1]) / 16 (gain 1); `*.blur.kernel` and
+    `*.upsample.kernel` [4,4] = outer([1,3,3,1]) / 64 * 4 (rosinality's x factor^2 when upsampling)."""
+    if key.endswith(".blur_weight"):
+        return blur3_kernel()
+    if key.endswith(".blur.kernel") or key.endswith(".upsample.kernel"):
+        return blur4_kernel(4.0)[0, 0]
+    return None
+
+
+def _check_constants(sd: dict, cfg: ModelConfig, where: str) -> None:
+    """Refuse a file whose blur constant differs from the rebuilt one (one line: key, max diff)."""
+    for k in constant_buffer_shapes(cfg):
+        want = constant_value(k) if k in sd else None
+        if want is None:
+            continue
+        diff = float((sd[k].detach().to(torch.float64) - want.to(torch.float64)).abs().max())
+        if not diff <= CONSTANT_ATOL:  # also refuses NaN
+            raise SgexError(f"{where}: constant buffer {k} differs from the StyleGANEX constant (max |diff| "
+                            f"{diff:.3g}); the file was saved by a modified model")
 
 
 def _param_table(cfg: ModelConfig) -> dict[str, str]:
@@ -238,6 +271,7 @@ def _from_object(obj: dict, path: str | None, sha256: str | None) -> LoadedCheck
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     cfg, task, variant = infer_config(shapes)
     _check_keys(shapes, cfg, where)
+    _check_constants(sd, cfg, where)
     opts = obj.get("opts") or {}
     if not isinstance(opts, dict):
         raise SgexError(f"{where}: 'opts' must be a dict, got {type(opts).__name__}")
@@ -389,12 +423,8 @@ def _random_state_dict(cfg: ModelConfig, gen: torch.Generator) -> dict:
     for k, s in constant_buffer_shapes(cfg).items():
         if k.endswith("num_batches_tracked"):
             sd[k] = torch.tensor(0, dtype=torch.int64)
-        elif k.endswith("blur_weight"):
-            b = torch.tensor([1.0, 2.0, 1.0])
-            sd[k] = (b[:, None] * b[None, :] / 16.0)[None, None].clone()
-        elif k.endswith("kernel"):
-            b = torch.tensor([1.0, 3.0, 3.0, 1.0])
-            sd[k] = b[:, None] * b[None, :] / 64.0
+        elif constant_value(k) is not None:  # the official constants, as a real file holds them
+            sd[k] = constant_value(k).clone()
         else:
             sd[k] = randn(s)
     return sd

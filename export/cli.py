@@ -24,26 +24,28 @@ EXPORT_NEEDS = (("torch", "torch", "PyTorch"), ("onnx", "onnx", "ONNX"),
 
 EPILOG = f"""\
 examples:
-  # superres at bucket 512 from the official checkpoint (style@256 + synth@512, FP32)
-  sgex-export --task superres --res 512 --ckpt pretrained_models/styleganex_sr.pt --out artifacts
-  # add a 1024 bucket to the same directory (the style graph is reused)
+  # superres, outputs up to 1024x1024 (x1 up to 256: the paper's 32x32 LR -> 1024), FP32
   sgex-export --task superres --res 1024 --ckpt pretrained_models/styleganex_sr.pt --out artifacts
+  # add the 2048 bucket (x1 up to 512, every official face crop) to the same directory
+  sgex-export --task superres --res 2048 --ckpt pretrained_models/styleganex_sr.pt --out artifacts
   # FP16 graph for TensorRT with the default precision plan, or a calibrated one (sgex-calib)
-  sgex-export --task toonify --variant pixar --res 512 --ckpt styleganex_toonify_pixar.pt --precision fp16
-  sgex-export --task toonify --res 512 --ckpt styleganex_toonify_pixar.pt --precision fp16 --plan plan.json
+  sgex-export --task toonify --variant pixar --res 2048 --ckpt styleganex_toonify_pixar.pt --precision fp16
+  sgex-export --task toonify --res 2048 --ckpt styleganex_toonify_pixar.pt --precision fp16 --plan plan.json
   # fused modulated conv as one custom node (TensorRT plugin / onnxruntime-extensions)
-  sgex-export --task edit --variant age --res 512 --ckpt styleganex_edit_age.pt --flavor plugin
+  sgex-export --task edit --variant age --res 2048 --ckpt styleganex_edit_age.pt --flavor plugin
   # FP16 ONNX plus TensorRT engines (needs TensorRT >= 10.9 and an NVIDIA GPU; explicit flag,
   # never automatic: without TensorRT, --engine stops with the install command)
   sgex-export --task superres --res 1024 --ckpt styleganex_sr.pt --precision fp16 --engine
   # random weights (the outputs are noise: a smoke test of the pipeline)
-  sgex-export --task sketch2face --res 256 --random-weights --out /tmp/artifacts
+  sgex-export --task sketch2face --res 1024 --random-weights --out /tmp/artifacts
 
 tasks: {", ".join(TASKS)}
 layout: <out>/<task>/manifest.json, style/style.onnx (RGB tasks), <res>/synth.onnx or
-<res>/translate.onnx, editing_w.npy (edit). Graphs take batch 1..--max-batch and any height and
-width that are multiples of 32 up to --res; exporting another --res into the same directory adds
-a bucket (same checkpoint, precision and flavor required).
+<res>/translate.onnx, editing_w.npy (edit). --res is the OUTPUT side of the bucket (a multiple
+of 32); its graphs take batch 1..--max-batch and any x1 (sketch, mask) whose height and width are
+multiples of 8 from 8 up to --res/4, at exactly that size (output 4x). Default ladder:
+512, 1024, 1536, 2048 (the official crop is at most 512x512, output 2048). Exporting another
+--res into the same directory adds a bucket (same checkpoint, precision and flavor required).
 """
 
 
@@ -52,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, metavar="TASK", help=f"one of: {', '.join(TASKS)}")
     p.add_argument("--res", type=int, required=True, metavar="N",
-                   help=f"bucket side: the largest input side (x1), a multiple of 32 up to {MAX_SIDE}, "
-                        f"e.g. 256, 512, 1024")
+                   help=f"bucket: the largest OUTPUT side, a multiple of 32 (x1 up to N/4), up to {MAX_SIDE}, "
+                        "e.g. 512, 1024, 2048")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ckpt", metavar="FILE", help="official StyleGANEX checkpoint (.pt)")
     src.add_argument("--random-weights", action="store_true",

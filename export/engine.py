@@ -12,9 +12,11 @@ fp32` engines, which are the accuracy reference), and TF32's 10-bit mantissa wou
 by about 1e-3 relative. The fused plugin computes its FP32 path with 3xTF32 (FP32 accuracy)
 either way.
 
-Each engine gets one optimization profile derived from the bucket table (runtime/buckets.py):
-min = batch 1 at 32x32, opt = `opt_batch` at the bucket side, max = the bucket's max batch at the
-bucket side; every input's dims follow from (batch, height, width): x1/x/x2 [B, C, H, W],
+Each engine gets one optimization profile derived from the bucket table (runtime/buckets.py;
+a bucket is named by its output side R): min = batch 1 at x1 8x8 (the smallest size the graphs
+support: f is 1x1; tested on ONNX Runtime), opt = `opt_batch` at x1 R/4 x R/4, max = the bucket's
+max batch at R/4 x R/4 (opt = max: the official crops fill their bucket); every input's dims
+follow from (batch, height, width): x1/x/x2 [B, C, H, W],
 noise_j [B, 1, h_j, w_j] with (h_j, w_j) = runtime.tasks.noise_shapes(H, W)[j], and the batch-only
 inputs wplus/editing_w/z. The style graph (fixed 256x256) uses `Bucket.style_profile` with the
 largest max batch of the export.

@@ -16,7 +16,7 @@ Three formulations of the generator's modulated convolutions, picked by `impl` (
   conv_transpose2d for the dilated up-convs with the blur as in spec 1.4, upfirdn2d as pad+conv).
   Used by `StyleGANEX.forward_official`, the parity oracle and benchmark baseline.
 
-Sizes (spec 5): x1 [B,C,H,W] with H, W multiples of 8 (sgex pads to 32) -> f [B,512,H/8,W/8]
+Sizes (spec 5): x1 [B,C,H,W] with H, W multiples of 8 (sgex pads only sides that are not) -> f [B,512,H/8,W/8]
 -> output [B,3,4H,4W]. Channel counts are divided by `ModelConfig.width_div` (tiny test models).
 """
 
@@ -48,6 +48,8 @@ __all__ = [
     "N_LATENT",
     "N_NOISE",
     "upfirdn2d_native",
+    "blur3_kernel",
+    "blur4_kernel",
 ]
 
 BN_EPS = 1e-5
@@ -111,13 +113,13 @@ def _lrelu_bias(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return F.leaky_relu(x + bias.view(1, -1, 1, 1), LRELU_SLOPE) * LRELU_GAIN
 
 
-def _blur3_kernel() -> torch.Tensor:
+def blur3_kernel() -> torch.Tensor:
     """[1,1,3,3] = outer([1,2,1],[1,2,1]) / 16, gain 1 (the dilated emulation, spec 1.4)."""
     k = torch.tensor([1.0, 2.0, 1.0])
     return (k[:, None] * k[None, :] / 16.0)[None, None]
 
 
-def _blur4_kernel(gain: float) -> torch.Tensor:
+def blur4_kernel(gain: float) -> torch.Tensor:
     """[1,1,4,4] = outer([1,3,3,1]) / 64 * gain (rosinality make_kernel; gain 4 when upsampling)."""
     k = torch.tensor([1.0, 3.0, 3.0, 1.0])
     return (k[:, None] * k[None, :] / 64.0 * gain)[None, None]
@@ -196,9 +198,9 @@ class ModulatedConv2d(nn.Module):
         self.weight = nn.Parameter(torch.empty(1, cout, cin, k, k))
         self.modulation = EqualLinear(style_dim, cin, bias_init=1.0)
         if self.kind == "dilated_up":
-            self.register_buffer("blur3", _blur3_kernel(), persistent=False)
+            self.register_buffer("blur3", blur3_kernel(), persistent=False)
         if self.kind == "up2":
-            self.register_buffer("blur4", _blur4_kernel(4.0)[0, 0], persistent=False)
+            self.register_buffer("blur4", blur4_kernel(4.0)[0, 0], persistent=False)
 
     def conv_weight(self) -> torch.Tensor:
         """[Cout, Cin, k, k], the equalized-lr scale applied."""
@@ -231,9 +233,11 @@ class ModulatedConv2d(nn.Module):
             return modulated_conv2d(xb, wconv, style, dilation=d // 2, padding=0, **kw)
         # up2: the stride-2 transposed conv is not the stride-1 op. Demodulation (per sample and
         # output channel) commutes with the depthwise blur, so it is applied before it.
-        y = F.conv_transpose2d(x * style[:, :, None, None], weight.transpose(0, 1), stride=2)
+        xstyle = style if style.dtype == x.dtype else style.to(x.dtype)  # FP32 styles, FP16 x
+        y = F.conv_transpose2d(x * xstyle[:, :, None, None], weight.transpose(0, 1), stride=2)
         if self.demodulate:
-            y = y * demodulation(weight, style)[:, :, None, None]
+            demod = demodulation(weight, style)
+            y = y * (demod if demod.dtype == y.dtype else demod.to(y.dtype))[:, :, None, None]
         y = F.conv2d(y, _depthwise(self.blur4[None, None], self.cout), padding=1, groups=self.cout)
         if noise is not None:
             y = y + noise_strength * noise
@@ -307,9 +311,9 @@ class ToRGB(nn.Module):
         self.skip_mode = skip
         self.dilation = dilation
         if skip == "blur":
-            self.register_buffer("blur3", _blur3_kernel(), persistent=False)
+            self.register_buffer("blur3", blur3_kernel(), persistent=False)
         if skip == "up":
-            self.register_buffer("up_kernel", _blur4_kernel(4.0)[0, 0], persistent=False)
+            self.register_buffer("up_kernel", blur4_kernel(4.0)[0, 0], persistent=False)
 
     def upsample_skip(self, skip: torch.Tensor, impl: str) -> torch.Tensor:
         """[B,3,h,w] -> [B,3,2h,2w]. upfirdn2d(up=2, pad=(2,1)) == depthwise conv_transpose2d

@@ -10,12 +10,14 @@ One task directory (layout and manifest schema: runtime/manifest.py):
     <out>/<task>/editing_w.npy           edit: checkpoint editing_w[0:1], float32 [1,18,D]
     <out>/<task>/manifest.json
 
-Dynamic axes. H and W are torch.export dims derived from roots h32/w32 in 1..side/32 (H = 32*h32),
-so a graph accepts every multiple of 32 up to its bucket side; noise dims are derived from the
+Buckets are named by the output side R (runtime/buckets.py). Dynamic axes: H and W are torch.export
+dims derived from roots h8/w8 in 1..R/32 (H = 8*h8), so a graph accepts every x1 side that is a
+multiple of 8 from 8 up to R/4 (8 is the smallest: f is then 1x1); noise dims are derived from the
 same roots (noise_j is [B,1,H*u_j/8,W*u_j/8], u_j = runtime.tasks.noise_shapes). torch.export
-specializes a dim traced at size 1, so graphs are traced at batch 2 and h32 = w32 = 2 (the
-bucket allows at least 2: a 32 bucket is exported with roots up to 2). Graph I/O dims are named
-batch / height / width ("height/8", "4*height", ...) in the ONNX file and the manifest.
+specializes a dim traced at size 1, so graphs are traced at batch 2 and h8 = w8 = TRACE_ROOT, a size
+at which no intermediate map is 1 pixel wide (a bucket smaller than that is exported with roots up
+to TRACE_ROOT). Graph I/O dims are named batch / height / width ("height/8", "4*height", ...) in
+the ONNX file and the manifest.
 
 Files: ir_version 10 (ONNX Runtime >= 1.20 and TensorRT 10 read it), opset 18 by default,
 single file with embedded weights (the full-size style graph is ~1.07 GB, under protobuf's
@@ -44,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from runtime.buckets import DEFAULT_MAX_BATCH
+from runtime.buckets import DEFAULT_MAX_BATCH, MIN_SIDE
 from runtime.errors import SgexError
 from runtime.manifest import MANIFEST_NAME, Manifest, atomic_write_bytes, graph_key, sha256_file
 from runtime.tasks import ALIGNED_SIZE, N_LATENT, N_NOISE, OUTPUT_SCALE, SIZE_MULTIPLE, get_task, noise_shapes
@@ -71,7 +73,7 @@ PRECISIONS = ("fp32", "fp16")
 FLAVORS = ("portable", "plugin")
 PROTOBUF_LIMIT = 2 ** 31 - 1
 TRACE_BATCH = 2  # torch.export specializes dims traced at 1
-TRACE_ROOT = 2  # h32 = w32 = 2 at trace time (H = W = 64)
+TRACE_ROOT = 8  # h8 = w8 = 8 at trace time (x1 64x64: the encoder's deepest map c3 is 4x4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +98,7 @@ def _noise_factors() -> list[int]:
 
 def graph_io(task: str, graph: str, style_dim: int) -> tuple[list[dict], list[dict]]:
     """(inputs, outputs) of a task graph as manifest entries {name, dtype, shape}; shapes use the
-    symbols batch / height / width (x1 height and width; multiples of 32)."""
+    symbols batch / height / width (x1 height and width; multiples of 8)."""
     t = get_task(task)
     D, L = style_dim, N_LATENT
     noise = [{"name": f"noise_{j}", "dtype": "float32",
@@ -207,17 +209,17 @@ def _trace_inputs(task: str, graph: str, style_dim: int, side: int | None, max_b
 
     if graph == "style":
         return (rand(B, 3, ALIGNED_SIZE, ALIGNED_SIZE),), ({0: batch},), ["x2"]
-    roots = max(side // SIZE_MULTIPLE, TRACE_ROOT)
-    h32, w32 = Dim("h32", min=1, max=roots), Dim("w32", min=1, max=roots)
+    roots = max(side // (OUTPUT_SCALE * SIZE_MULTIPLE), TRACE_ROOT)
+    h8, w8 = Dim("h8", min=1, max=roots), Dim("w8", min=1, max=roots)
     H = W = SIZE_MULTIPLE * TRACE_ROOT
-    spatial = {0: batch, 2: SIZE_MULTIPLE * h32, 3: SIZE_MULTIPLE * w32}
+    spatial = {0: batch, 2: SIZE_MULTIPLE * h8, 3: SIZE_MULTIPLE * w8}
     rest, rest_dyn, rest_names = [], [], []
     if graph == "synth" and t.editing:
         rest, rest_dyn, rest_names = [0.1 * rand(B, N_LATENT, D)], [{0: batch}], ["editing_w"]
     if t.noise == "random":
         for j, u in enumerate(_noise_factors()):
             rest.append(rand(B, 1, H * u // 8, W * u // 8))
-            rest_dyn.append({0: batch, 2: (SIZE_MULTIPLE * u // 8) * h32, 3: (SIZE_MULTIPLE * u // 8) * w32})
+            rest_dyn.append({0: batch, 2: (SIZE_MULTIPLE * u // 8) * h8, 3: (SIZE_MULTIPLE * u // 8) * w8})
             rest_names.append(f"noise_{j}")
     if graph == "synth":
         first = rand(B, 3, H, W)
@@ -235,12 +237,12 @@ _NAMED_RE = re.compile(r"^(?:(\d+)\*)?(height|width)(?:/(\d+))?$")
 
 
 def _rename_dims(model, outputs: list[dict]) -> None:
-    """Name the exporter's dim symbols after the manifest: 'k*h32' -> height-based names (x1
-    height = 32*h32), likewise width. An output dim the exporter gave a fresh symbol (the graph
-    has no input of that size, e.g. y of a zero-noise graph: '128*s39') is matched against the
-    manifest's name ('4*height' = 128*h32) and the symbol renamed everywhere as an alias."""
+    """Name the exporter's dim symbols after the manifest: 'k*h8' -> height-based names (x1
+    height = 8*h8), likewise width. An output dim the exporter gave a fresh symbol (the graph
+    has no input of that size, e.g. y of a zero-noise graph: '32*s39') is matched against the
+    manifest's name ('4*height' = 32*h8) and the symbol renamed everywhere as an alias."""
     g = model.graph
-    alias = {"h32": ("height", 1), "w32": ("width", 1)}  # symbol -> (axis, multiplier of h32/w32)
+    alias = {"h8": ("height", 1), "w8": ("width", 1)}  # symbol -> (axis, multiplier of h8/w8)
     for vi in list(g.input) + list(g.output):  # dim 0 is the batch everywhere
         dims = vi.type.tensor_type.shape.dim
         if dims and dims[0].dim_param and _AXIS_RE.match(dims[0].dim_param) and "*" not in dims[0].dim_param:
@@ -251,7 +253,7 @@ def _rename_dims(model, outputs: list[dict]) -> None:
             if not (got and named) or got.group(2) in alias:
                 continue
             k = int(got.group(1) or 1)
-            factor = SIZE_MULTIPLE * int(named.group(1) or 1) / int(named.group(3) or 1)  # in h32 units
+            factor = SIZE_MULTIPLE * int(named.group(1) or 1) / int(named.group(3) or 1)  # in h8 units
             if factor % k == 0:
                 alias[got.group(2)] = (named.group(2), int(factor // k))
 
@@ -398,7 +400,7 @@ def export_graph(model, task: str, graph: str, path: str | os.PathLike, *, side:
     dims = {"batch": {"min": 1, "max": max_batch}}
     if side is not None:
         for axis in ("height", "width"):
-            dims[axis] = {"min": SIZE_MULTIPLE, "max": side, "multiple": SIZE_MULTIPLE}
+            dims[axis] = {"min": MIN_SIDE, "max": side // OUTPUT_SCALE, "multiple": SIZE_MULTIPLE}
     return {"graph": graph, "bucket": bucket, "inputs": inputs, "outputs": outputs, "dims": dims,
             "precision": precision, "flavor": flavor, "opset": opset, "nodes": n_nodes}
 

@@ -18,6 +18,10 @@ layers 128 ch at 256^2, 64 ch at 512^2, 32 ch at 1024^2. Reported per implementa
 p99, mean (ms), TFLOP/s at the median (2*B*Cout*Ho*Wo*Cin*k*k), and the max abs difference to the
 FP32 reference. The JSON also records the GPU, driver/CUDA, torch, triton and cuDNN versions and
 the command line. Needs a CUDA GPU; on a machine without one it prints one line and exits 2.
+
+`--device cpu` runs the same harness on CPU tensors with the kernel under TRITON_INTERPRET=1 and
+host timers: a smoke test of the harness (bench/gpu/run.sh --cpu-smoke), never a measurement; the
+JSON says so ("interpreted": true).
 """
 
 from __future__ import annotations
@@ -45,9 +49,20 @@ def _percentile(sorted_ms: list[float], q: float) -> float:
     return sorted_ms[i]
 
 
-def _time(fn, warmup: int, iters: int) -> dict:
+def _time(fn, warmup: int, iters: int, device: str = "cuda") -> dict:
     import torch
 
+    if device == "cpu":
+        for _ in range(warmup):
+            fn()
+        ms = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            ms.append((time.perf_counter() - t0) * 1e3)
+        ms.sort()
+        return {"median_ms": _percentile(ms, 0.5), "p90_ms": _percentile(ms, 0.9),
+                "p99_ms": _percentile(ms, 0.99), "mean_ms": sum(ms) / len(ms), "iters": iters}
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -105,15 +120,17 @@ def _unfused(x, weight, style, noise, ns, bias, channels_last: bool):
     return call
 
 
-def run(batches=(1,), dtype: str = "fp16", warmup: int = 20, iters: int = 100, shapes=SHAPES) -> dict:
-    """Measure every shape x batch; returns the JSON-able result dict."""
+def run(batches=(1,), dtype: str = "fp16", warmup: int = 20, iters: int = 100, shapes=SHAPES,
+        device: str = "cuda") -> dict:
+    """Measure every shape x batch; returns the JSON-able result dict. device "cpu" only under
+    TRITON_INTERPRET=1 (a harness smoke test, not a measurement)."""
     import torch
 
     from kernels.modconv import modulated_conv2d_reference
     from kernels.modconv_triton import modulated_conv2d_triton
 
     dt = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     torch.backends.cudnn.benchmark = True
     results = []
     for b in batches:
@@ -141,7 +158,7 @@ def run(batches=(1,), dtype: str = "fp16", warmup: int = 20, iters: int = 100, s
                 for iname, f in impls.items():
                     call = (lambda f=f: f(d, d))
                     err = (call().float() - ref).abs().max().item()
-                    t = _time(call, warmup, iters)
+                    t = _time(call, warmup, iters, device)
                     t["tflops_at_median"] = flops / (t["median_ms"] * 1e-3) / 1e12
                     t["max_abs_err_vs_fp32_reference"] = err
                     row["impls"][iname] = t
@@ -155,18 +172,24 @@ def run(batches=(1,), dtype: str = "fp16", warmup: int = 20, iters: int = 100, s
                   f"unfused({best.split('_', 1)[1]}) {row['impls'][best]['median_ms']:.3f} ms  "
                   f"triton {tri:.3f} ms  (x{row['speedup_vs_unfused_best']:.2f} vs unfused)", flush=True)
             del x, weight, noise, ref, impls
-            torch.cuda.empty_cache()
-    return {"format": "sgex-kernel-bench", "version": 1, "machine": _machine(), "dtype": dtype,
-            "warmup": warmup, "iters": iters, "results": results}
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return {"format": "sgex-kernel-bench", "version": 1, "machine": _machine(device), "dtype": dtype,
+            "warmup": warmup, "iters": iters, "interpreted": device == "cpu",
+            "timer": "cuda-events" if device == "cuda" else "perf_counter (Triton interpreter)",
+            "results": results}
 
 
-def _machine() -> dict:
+def _machine(device: str = "cuda") -> dict:
     import torch
     import triton
 
-    p = torch.cuda.get_device_properties(0)
-    return {"gpu": p.name, "compute_capability": f"{p.major}.{p.minor}",
-            "memory_gib": round(p.total_memory / 2**30, 1), "sm_count": p.multi_processor_count,
+    gpu = {"gpu": None}
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        gpu = {"gpu": p.name, "compute_capability": f"{p.major}.{p.minor}",
+               "memory_gib": round(p.total_memory / 2**30, 1), "sm_count": p.multi_processor_count}
+    return {**gpu,
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
             "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "host": platform.node(),
@@ -189,17 +212,24 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--shapes", nargs="+", choices=[s[0] for s in SHAPES], help="subset of shapes")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: harness smoke test under TRITON_INTERPRET=1 (no measurement)")
     args = ap.parse_args(argv)
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if args.device == "cpu" and not interp:
+        print("kernels.bench: --device cpu needs TRITON_INTERPRET=1 (a smoke test of the harness)",
+              file=sys.stderr)
+        return 2
     try:
         import torch
     except ImportError:
         print("kernels.bench: needs PyTorch with CUDA (pip install -c constraints.txt 'sgex[torch,triton]')",
               file=sys.stderr)
         return 2
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("kernels.bench: needs a CUDA GPU and none is available; nothing was measured", file=sys.stderr)
         return 2
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if args.device == "cuda" and interp:
         print("kernels.bench: TRITON_INTERPRET is set; unset it to time the compiled kernel", file=sys.stderr)
         return 2
     try:
@@ -208,7 +238,7 @@ def main(argv=None) -> int:
         print("kernels.bench: needs Triton (pip install -c constraints.txt 'sgex[triton]')", file=sys.stderr)
         return 2
     shapes = [s for s in SHAPES if not args.shapes or s[0] in args.shapes]
-    result = run(args.batch, args.dtype, args.warmup, args.iters, shapes)
+    result = run(args.batch, args.dtype, args.warmup, args.iters, shapes, args.device)
     _write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0

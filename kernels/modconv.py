@@ -66,7 +66,10 @@ def transposed_to_conv_weight(weight_t: torch.Tensor) -> torch.Tensor:
 def demodulation(weight: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
     """demod [B, Cout] = rsqrt(sum over (Cin, k, k) of (weight * style)^2 + 1e-8).
 
-    weight [Cout, Cin, k, k], style [B, Cin]."""
+    weight [Cout, Cin, k, k], style [B, Cin]. Computed in style's dtype: an FP32 style with FP16
+    weights (the FP16 path's FP32 islands) gives an FP32 sum, where FP16 would overflow."""
+    if weight.dtype != style.dtype:
+        weight = weight.to(style.dtype)
     wsq = weight.square().sum(dim=(2, 3))  # [Cout, Cin]
     return torch.rsqrt(style.square() @ wsq.t() + DEMOD_EPS)  # [B, Cout]
 
@@ -84,13 +87,17 @@ def modulated_conv2d_reference(
     bias: torch.Tensor | None = None,
     activate: bool = True,
 ) -> torch.Tensor:
-    """The definition of the op in plain PyTorch. Shapes as in `modulated_conv2d`."""
+    """The definition of the op in plain PyTorch. Shapes as in `modulated_conv2d`. A style of
+    another dtype than x (FP32 styles with FP16 features) modulates in x's dtype and demodulates
+    in style's, as the Triton kernel does."""
     k = weight.shape[-1]
     if padding is None:
         padding = dilation * (k - 1) // 2
-    y = F.conv2d(x * style[:, :, None, None], weight, padding=padding, dilation=dilation)
+    xstyle = style if style.dtype == x.dtype else style.to(x.dtype)
+    y = F.conv2d(x * xstyle[:, :, None, None], weight, padding=padding, dilation=dilation)
     if demodulate:
-        y = y * demodulation(weight, style)[:, :, None, None]
+        demod = demodulation(weight, style)
+        y = y * (demod if demod.dtype == y.dtype else demod.to(y.dtype))[:, :, None, None]
     if noise is not None:
         y = y + (1.0 if noise_strength is None else noise_strength) * noise
     if bias is not None:

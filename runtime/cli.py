@@ -25,6 +25,8 @@ EPILOG = """\
 examples:
   # ONNX Runtime / TensorRT on exported artifacts (sgex-export --task superres --out artifacts)
   sgex-run --task superres --artifacts artifacts/superres --input lr.png --output sr.png --scale 16
+  # the paper's demo path: degrade an HR crop to LR (official BicubicDownSample), then super-resolve
+  sgex-run --task superres --artifacts artifacts/superres --input crop.png --output sr.png --no-align --simulate-lr --scale 32
   # PyTorch straight from an official checkpoint, a whole video (style from the first frame)
   sgex-run --task toonify --backend torch --ckpt pretrained_models/styleganex_toonify_pixar.pt \\
            --input clip.mp4 --output clip_pixar.mp4 --device cuda
@@ -34,6 +36,9 @@ examples:
   sgex-run --task edit --artifacts artifacts/edit --input face.jpg --output edited.jpg --edit-scale -2
   # sketch / parsing mask (1-channel label PNG, values 0..18) to face; --seed picks z and the noise
   sgex-run --task sketch2face --artifacts artifacts/sketch2face --input sketch.jpg --output face.png --seed 3
+  # OpenVINO on the CPU in BF16 (the export needs a passing gate: sgex-calib --bf16 --artifacts DIR)
+  sgex-run --task superres --artifacts artifacts/superres --backend openvino --precision bf16 \
+           --input lr.png --output sr.png --scale 16
   # a folder of images (the output is a folder), random weights (the output is noise: a smoke test)
   sgex-run --task inversion --backend torch --random-weights --input faces/ --output out/
   # every face of a group photo, pasted back into the whole frame; a moving face followed in a video
@@ -50,8 +55,15 @@ notes:
   256x256 (x2, the style source); the output is 4x the crop. superres first resizes the input by
   S/4 with PIL bicubic (image_translation.py --use_raw_data). Videos take the crop and x2 of the
   first frame (--track follows a moving face). No face found: exit 2, nothing written.
-  --no-align keeps the whole image as x1: superres then resizes by S/4 with OpenCV bicubic, and
-  without --x2 the style code comes from the centre square of x1 resized to 256.
+  --no-align keeps the whole image as x1: superres then resizes it to (w*S//4, h*S//4) with PIL
+  bicubic, and without --x2 the style code comes from the centre square of x1 resized to 256.
+  --simulate-lr (superres, with --no-align): the input is an HR image, first degraded as the
+  official demo does (BicubicDownSample by S/4, then PIL bicubic back to the input size); the
+  output is 4x the input (S x the simulated LR).
+  Sizes: an x1 whose sides are multiples of 8 (what the official face crop gives) runs at exactly
+  its size; only a side that is not is padded bottom/right to the next multiple of 8 (reflect) and
+  the output cropped back, so the output is exactly 4x. Exported artifacts take x1 up to --res/4
+  of their largest bucket (--res is the output side).
   Noise and z come from --seed (numpy default_rng per image, the same for every image and frame).
 """
 
@@ -64,9 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an image, a folder of images, or a video (mp4/avi/mov/mkv/webm/...)")
     p.add_argument("--output", required=True, metavar="PATH",
                    help="image file, folder (for a folder input; created if missing) or video file")
-    p.add_argument("--backend", default="auto", choices=["auto", "ort", "trt", "torch"],
-                   help="auto: trt when --artifacts has TensorRT engines and tensorrt imports, else ort; "
-                        "torch with --ckpt/--random-weights (default: auto, logged)")
+    p.add_argument("--backend", default="auto", choices=["auto", "ort", "trt", "openvino", "torch"],
+                   help="auto: trt when --artifacts has TensorRT engines and tensorrt imports, else on the "
+                        "CPU openvino bf16 when the export passed the BF16 gate and the CPU has native "
+                        "BF16, else ort; torch with --ckpt/--random-weights (default: auto, logged)")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="openvino only: inference precision (default fp32; bf16 needs a passing BF16 gate)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="ort/openvino: CPU threads (default: ONNX Runtime's own; openvino: the CPUs this "
+                        "process may run on)")
+    p.add_argument("--force-precision", action="store_true",
+                   help="openvino only: run bf16 on an export without a passing BF16 gate (warned)")
     p.add_argument("--artifacts", metavar="DIR", help="exported task directory (or the export root) for ort/trt")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ckpt", metavar="FILE", help="official checkpoint for the torch backend")
@@ -80,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, metavar="S",
                    help="superres only: output = S x input (sr: 4..48 step 4; sr32: 32). Default: the "
                         "variant's smallest (sr: 4, the input is x1 as is; sr32: 32), logged")
+    p.add_argument("--simulate-lr", action="store_true",
+                   help="superres only: the input is an HR image; make its LR as the official demo does "
+                        "(BicubicDownSample by S/4, then PIL bicubic back up) and super-resolve that "
+                        "(default --scale 32 then, the official resize_factor)")
     p.add_argument("--x2", metavar="ALIGNED_PNG",
                    help="aligned 256x256 face for the style code (RGB tasks; default: centre square of x1)")
     p.add_argument("--seed", type=int, default=0, metavar="N",
@@ -137,7 +161,11 @@ def _backend_source(args) -> str:
         if not has_ckpt:
             raise SgexError("--backend torch needs --ckpt FILE or --random-weights")
         return "checkpoint"
-    if args.backend in ("ort", "trt"):
+    if args.threads is not None and args.threads < 1:
+        raise SgexError(f"--threads must be >= 1, got {args.threads}")
+    if (args.precision or args.force_precision) and args.backend not in ("auto", "openvino"):
+        raise SgexError(f"--precision/--force-precision apply to --backend openvino, not {args.backend}")
+    if args.backend in ("ort", "trt", "openvino"):
         if has_ckpt:
             raise SgexError(f"--backend {args.backend} runs exported artifacts: give --artifacts DIR, "
                             f"not --ckpt/--random-weights (or use --backend torch)")
@@ -156,6 +184,11 @@ def _backend_source(args) -> str:
 def _check_task_flags(args, spec) -> None:
     if args.scale is not None and spec.name != "superres":
         raise SgexError(f"--scale applies to superres only, not {spec.name}")
+    if args.simulate_lr and spec.name != "superres":
+        raise SgexError(f"--simulate-lr applies to superres only, not {spec.name}")
+    if args.simulate_lr and not args.no_align:
+        raise SgexError("--simulate-lr degrades an image that is already the face crop: add --no-align "
+                        "(degrading inside the face pipeline is not implemented)")
     if args.edit_scale is not None and not spec.editing:
         raise SgexError(f"--edit-scale applies to edit only, not {spec.name}")
     if args.x2 and "style" not in spec.graphs:
@@ -207,10 +240,11 @@ def run(args) -> int:
         raise SgexError("--batch, --crf and --codec apply to a video input only")
     x2 = rio.read_x2(args.x2) if args.x2 else None
     face_opts = _face_options(args, spec, kind, x2)
-    manifest = _check_manifest(args, spec) if source == "artifacts" else None
+    if source == "artifacts":
+        _check_manifest(args, spec)
     reader = image = files = encoding = None
     selected: dict = {}
-    sizes = []  # (what, height, width) of every whole-image input, for the bucket check
+    sizes = []  # (name, height, width) of every whole-image input, for the bucket check
     if kind == "image":
         image = rio.task_image(rio.read_image(inp), spec, str(inp))
         sizes.append((str(inp), *image.shape[:2]))
@@ -229,22 +263,21 @@ def run(args) -> int:
 
         reader = VideoReader(inp)
         reader.check_complete()
-        first = rio.task_image(reader.first, spec, f"{inp}: frame 0")
-        sizes.append((f"{inp}: frame 0", *first.shape[:2]))
+        sizes.append((str(inp), *rio.task_image(reader.first, spec, f"{inp}: frame 0").shape[:2]))
         if face_opts is not None:
             face_opts = _with_landmarks(face_opts, args, reader.first.shape)
             _find_faces(reader.first, face_opts, str(inp))
         encoding = resolve_encoding(out, reader.lib, codec=args.codec, crf=args.crf, source=reader.info)
+    if source == "artifacts" and face_opts is None:  # face crops are routed (and refused) by Engine
+        _check_buckets(args, spec, sizes)
 
     try:
-        if manifest is not None and face_opts is None:  # face crops are routed once found
-            _check_buckets(args, spec, manifest, sizes)
         engine = _engine(args, source)
-        scale = _scale(args, engine)
+        scale = _scale(args, engine.spec, engine.variant)
         if face_opts is not None:
             return _run_faces(engine, face_opts, kind, inp, out, image, files, reader, selected, scale, args,
                               encoding=encoding)
-        prep = (lambda im: rio.resize_for_scale(im, scale)) if scale else (lambda im: im)
+        prep = _x1_prep(scale, args.simulate_lr)
         edit_scale = 1.0 if args.edit_scale is None else args.edit_scale
         opts = dict(x2=x2, seed=args.seed, edit_scale=edit_scale)
         if kind == "image":
@@ -269,7 +302,11 @@ def _engine(args, source: str):
     from runtime.engine import Engine
 
     if source == "artifacts":  # the variant was checked by _check_manifest
-        return Engine(args.artifacts, backend=args.backend, device=args.device, task=args.task)
+        return Engine(args.artifacts, backend=args.backend, device=args.device, task=args.task,
+                      precision=args.precision, intra_op_threads=args.threads,
+                      force_precision=args.force_precision)
+    if args.precision or args.threads or args.force_precision:
+        raise SgexError("--precision/--threads/--force-precision apply to --backend openvino on --artifacts")
     engine = Engine.from_checkpoint(args.task, ckpt=args.ckpt, random_weights=args.random_weights,
                                     device=args.device, width_div=args.width_div, variant=args.variant)
     if args.backend == "auto":  # logged once the engine exists, so a refused input stays one line
@@ -307,38 +344,57 @@ def _check_manifest(args, spec):
     return m
 
 
-def _check_buckets(args, spec, m, sizes) -> None:
-    """Every whole-image input (after the --scale resize) fits an exported bucket."""
-    from runtime import io as rio
+def _check_buckets(args, spec, sizes) -> None:
+    """Refuse, before a model loads, an input whose x1 no exported bucket holds (one line naming the
+    --res that would hold it). Reads only the manifest; Engine verifies the files when it loads."""
     from runtime.buckets import pick
+    from runtime.engine import exported_buckets
+    from runtime.io import x1_size
 
-    scale = None
-    if spec.name == "superres":
-        scale = spec.variant(m.variant).scales[0] if args.scale is None else args.scale
-    buckets = m.buckets()
-    for what, h, w in sizes:
-        hs, ws = rio.scaled_size(h, w, scale) if scale else (h, w)
+    variant, buckets = exported_buckets(args.artifacts, args.task)
+    scale = _scale(args, spec, variant, quiet=True)
+    for name, h, w in sizes:
+        xh, xw = x1_size(h, w, scale, args.simulate_lr)
         try:
-            pick(buckets, hs, ws)
+            pick(buckets, xh, xw)
         except ValueError as e:
-            at = f" (x1 {hs}x{ws} at --scale {scale})" if (hs, ws) != (h, w) else ""
-            raise SgexError(f"{what}{at}: {e}") from None
+            raise SgexError(f"{name}: {e}") from None
 
 
-def _scale(args, engine) -> int | None:
-    if engine.spec.name != "superres":
+def _scale(args, spec, variant: str, quiet: bool = False) -> int | None:
+    if spec.name != "superres":
         return None
-    allowed = engine.spec.variant(engine.variant).scales
-    if args.scale is None:
+    allowed = spec.variant(variant).scales
+    say = (lambda *a: None) if quiet else log.info
+    if args.scale is None and args.simulate_lr:
+        scale = 32  # the official resize_factor default; both variants allow it
+        say("--scale not given: using %d with --simulate-lr (LR = input / %d, output = 4 x input)",
+            scale, scale // 4)
+    elif args.scale is None:
         # No resize unless asked: the smallest scale of the variant (sr: 4 = the input is x1).
         scale = allowed[0]
-        log.info("--scale not given: using %d for superres variant %s (output = %d x input)",
-                 scale, engine.variant, scale)
+        say("--scale not given: using %d for superres variant %s (output = %d x input)",
+            scale, variant, scale)
     else:
         scale = args.scale
     if scale not in allowed:
-        raise SgexError(f"--scale {scale} is not available for superres variant {engine.variant} ({_shown(allowed)})")
+        raise SgexError(f"--scale {scale} is not available for superres variant {variant} ({_shown(allowed)})")
     return scale
+
+
+def _x1_prep(scale: int | None, simulate_lr: bool):
+    """image -> x1: the input itself (no --scale: not superres), the official raw path
+    (runtime.io.resize_for_scale) or, with --simulate-lr, the official demo path (runtime.io.simulate_lr)."""
+    from runtime import io as rio
+
+    def prep(image):
+        if scale is None:
+            return image
+        if simulate_lr:
+            return rio.simulate_lr(image, scale)[0]
+        return rio.resize_for_scale(image, scale)
+
+    return prep
 
 
 def _face_options(args, spec, kind: str, x2):

@@ -6,9 +6,11 @@ recipes (spec/styleganex.md section 4).
     out = eng.process(rgb_uint8_hwc)                             # uint8 [4H, 4W, 3]
 
 Every input is validated (dtype uint8, channels for the task, sizes; the message names the
-offending dimension), padded bottom/right to a multiple of 32 (reflect), routed to the smallest
-bucket that holds it (runtime.buckets.pick), split into chunks of the bucket's max batch, and the
-output is cropped to exactly 4H x 4W and converted to uint8 by truncation (spec 8.17).
+offending dimension), routed to the smallest bucket that holds it (runtime.buckets.pick; a bucket
+is named by its output side) and split into chunks of the bucket's max batch. An input whose
+sides are multiples of 8 reaches the backend at exactly its size, as the official crop gives it;
+only a side that is not is padded bottom/right (reflect) to the next multiple of 8 and the output
+cropped back, so the output is always exactly 4H x 4W, converted to uint8 by truncation (spec 8.17).
 
 Randomness (one rule, shared by every backend so they compare bit for bit): each sample b of a
 call draws from its own generator numpy.random.default_rng(seed_b), where seed_b is the `seed`
@@ -16,7 +18,7 @@ argument (an int: the same for every sample, so batching never changes a result;
 sample). From that generator, in this order:
   1. translate tasks (sketch2face, mask2face) only: z = standard_normal(style_dim)
   2. tasks with explicit noise: noise_0..noise_16, standard_normal((1, h_j, w_j)) with
-     (h_j, w_j) = runtime.tasks.noise_shapes(padded H, padded W)[j]
+     (h_j, w_j) = runtime.tasks.noise_shapes(H, W)[j] (H, W padded to 8 where they are not multiples)
 all cast to float32 and stacked batch-major. Video recipes (edit, toonify) use zero noise.
 
 Editing (edit task): editing_w = ckpt editing_w[0:1] (exported as editing_w.npy) x edit_scale.
@@ -37,14 +39,14 @@ import numpy as np
 
 from runtime import io as rio
 from runtime.backends.base import Backend
-from runtime.buckets import Bucket, padded, pick
+from runtime.buckets import Bucket, pick, res_for
 from runtime.errors import SgexError, require
 from runtime.manifest import MANIFEST_NAME, Manifest, graph_key
 from runtime.tasks import N_LATENT, N_NOISE, WIDTH_DIVS, Task, get_task, noise_shapes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "make_random_inputs", "noise_names"]
+__all__ = ["Engine", "make_random_inputs", "noise_names", "exported_buckets"]
 
 
 def noise_names() -> list[str]:
@@ -107,6 +109,13 @@ def task_dir(artifacts_dir, task: str | None) -> Path:
     return d
 
 
+def exported_buckets(artifacts_dir, task: str | None = None) -> tuple[str, list[Bucket]]:
+    """(variant, buckets) of an exported task directory (or export root) from its manifest alone:
+    no hashing, no model loaded, so a CLI can refuse an input no bucket holds before loading."""
+    manifest = Manifest.load(_task_dir(artifacts_dir, task), task=task)
+    return manifest.variant, manifest.buckets()
+
+
 class Engine:
     """One task's graphs behind one backend. Attributes: task (name), spec (runtime.tasks.Task),
     variant, style_dim, manifest (None for the torch backend), backend (runtime.backends.Backend),
@@ -114,9 +123,13 @@ class Engine:
     ({file, sha256, random, seed} of the weights), editing_w (edit: float32 [1, 18, D], unscaled)."""
 
     def __init__(self, artifacts_dir, backend: str = "auto", device: str | None = None, *,
-                 task: str | None = None):
+                 task: str | None = None, intra_op_threads: int | None = None, precision: str | None = None,
+                 force_precision: bool = False):
         """Load and verify <artifacts_dir>/manifest.json (every file's sha256; with `task`, the
-        manifest's task must match) and open `backend` ("auto" | "ort" | "trt")."""
+        manifest's task must match) and open `backend` ("auto" | "ort" | "trt" | "openvino");
+        intra_op_threads sizes the CPU thread pool of ONNX Runtime (None: its default) and OpenVINO
+        (None: the process's CPU set). precision ("fp32" | "bf16") and force_precision (BF16
+        without a passing accuracy gate) are the openvino backend's, see runtime/backends/openvino.py."""
         from runtime import backends
 
         if not isinstance(artifacts_dir, (str, os.PathLike)):
@@ -144,7 +157,8 @@ class Engine:
                 break
         if inputs is None:
             raise SgexError(f"{d}: the manifest has no {graph!r} graph for any bucket")
-        be = backends.create(backend, d, manifest, device)
+        be = backends.create(backend, d, manifest, device, intra_op_threads=intra_op_threads,
+                             precision=precision, force_precision=force_precision)
         if manifest.checkpoint.get("random"):  # after every check that can refuse the directory
             log.warning("%s was exported from RANDOM weights (seed %s): outputs are noise; export "
                         "with --ckpt for real results", d, manifest.checkpoint.get("seed"))
@@ -154,9 +168,11 @@ class Engine:
     @classmethod
     def from_checkpoint(cls, task: str, ckpt: str | None = None, random_weights: bool = False,
                         device: str | None = "cpu", seed: int = 0, width_div: int = 1, *,
-                        variant: str | None = None, modconv_impl: str | None = None) -> "Engine":
+                        variant: str | None = None, modconv_impl: str | None = None,
+                        torch_options: dict | None = None) -> "Engine":
         """The torch backend straight from an official checkpoint (or random official-format
-        weights with `random_weights`: the output is then noise). No artifacts, no buckets."""
+        weights with `random_weights`: the output is then noise). No artifacts, no buckets.
+        torch_options: TorchBackend's precision / plan / cuda_graphs / compile_mode."""
         require("torch", "torch", "PyTorch")
         from export.checkpoint import build_model, load_or_random
 
@@ -186,7 +202,7 @@ class Engine:
                 raise SgexError(f"{ckpt}: the edit checkpoint has no editing_w")
             editing_w = loaded.editing_w[0:1].detach().float().cpu().numpy()
         inputs = _default_inputs(spec)
-        be = TorchBackend(model, device, modconv_impl=modconv_impl)
+        be = TorchBackend(model, device, modconv_impl=modconv_impl, **(torch_options or {}))
         eng = cls.__new__(cls)
         eng._setup(spec, loaded.variant, loaded.config.style_dim, be, manifest=None, buckets=None,
                    inputs=inputs, editing_w=editing_w, artifacts_dir=None)
@@ -225,10 +241,11 @@ class Engine:
         return self.spec.graphs[-1]
 
     def route(self, height: int, width: int) -> tuple[str, int | None]:
-        """(graph key, max batch) for an input of height x width (before padding).
-        Artifacts: the smallest bucket that holds it. Torch: any size, no batch limit."""
+        """(graph key, max batch) for an x1 of height x width (before padding to 8).
+        Artifacts: the smallest bucket that holds it. Torch: any size (keyed by the bucket that
+        would hold it), no batch limit."""
         if self.buckets is None:
-            return graph_key(self.bucket_graph, max(padded(height), padded(width))), None
+            return graph_key(self.bucket_graph, res_for(height, width)), None
         try:
             b = pick(self.buckets, height, width)
         except ValueError as e:

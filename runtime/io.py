@@ -8,8 +8,11 @@ NCHW. The numbers follow the official inference scripts (spec/styleganex.md 4.0 
     mask:               label map 0..18 -> one-hot [19, H, W] of 0.0/1.0
     output:             clamp to [-1, 1], then ((y + 1) * 127.5).astype(uint8): truncation, no rounding
 
-Inputs are padded bottom/right to the next multiple of 32 with reflection, and the 4x output is
-cropped back to 4H x 4W, so any H, W works and the output is exactly 4x the input.
+Sizes (spec 5): x1 sides must be multiples of 8, as the official crop makes them. An input whose
+sides are multiples of 8 reaches the model at exactly its size (padding would change the whole
+output, not only the border); only a side that is not a multiple of 8 is padded, bottom/right
+with reflection, and the 4x output is cropped back to 4H x 4W, so any H, W works and the output
+is exactly 4x the input.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ VIDEO_EXTS = (".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", 
 
 __all__ = [
     "IMAGE_EXTS", "VIDEO_EXTS", "MAX_IMAGE_PIXELS", "is_image_path", "is_video_path", "check_input_file",
-    "image_header", "read_image", "write_image",
-    "list_images", "check_output_path", "atomic_output", "staged_folder", "write_all", "task_image", "check_batch", "pad_to_multiple",
-    "rgb_to_model", "sketch_to_model", "mask_to_model", "to_uint8", "centre_square_x2",
-    "scaled_size", "resize_for_scale", "check_x2", "check_input_file", "read_x2", "crop_output",
+    "image_header", "read_image", "decode_image", "encode_image", "write_image",
+    "list_images", "check_output_path", "atomic_output", "staged_folder", "write_all", "task_image", "check_batch",
+    "pad_to_multiple", "rgb_to_model", "sketch_to_model", "mask_to_model", "to_uint8", "centre_square_x2",
+    "resize_for_scale", "check_x2", "check_input_file", "read_x2", "crop_output", "bicubic_downsample",
+    "simulate_lr", "x1_size",
 ]
 
 
@@ -97,18 +101,25 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
     The header's size is checked against MAX_IMAGE_PIXELS before decoding (image_header).
     SgexError (one line) for a missing, empty, oversized, undecodable or non-8-bit file."""
-    cv2 = _cv2()
     head = image_header(path)
     p = Path(path)
-    data = np.fromfile(p, dtype=np.uint8)  # decoding from memory: no OpenCV path warnings
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise SgexError(f"{p}: not an image OpenCV can decode (damaged or truncated {head.format})")
-    if img.dtype != np.uint8:
-        raise SgexError(f"{p}: {img.dtype} pixels; sgex reads 8-bit images")
+    img = decode_image(np.fromfile(p, dtype=np.uint8), str(p))  # from memory: no OpenCV path warnings
     if img.shape[:2] != (head.height, head.width):
-        raise SgexError(f"{p}: decoded {img.shape[1]}x{img.shape[0]}, but the header declares "
+        raise SgexError(f"{p}: decoded {img.shape[1]}x{img.shape[0]}, but the {head.format} header declares "
                         f"{head.width}x{head.height}")
+    return img
+
+
+def decode_image(data: bytes | np.ndarray, what: str = "image") -> np.ndarray:
+    """Decode the bytes of an 8-bit image file, as `read_image` (uint8 [H, W], RGB [H, W, 3] or
+    RGBA [H, W, 4]); SgexError naming `what` for undecodable or non-8-bit data."""
+    cv2 = _cv2()
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    if img is None:
+        raise SgexError(f"{what}: not an image OpenCV can decode (damaged or truncated)")
+    if img.dtype != np.uint8:
+        raise SgexError(f"{what}: {img.dtype} pixels; sgex reads 8-bit images")
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
     if img.ndim == 3 and img.shape[2] == 3:
@@ -252,24 +263,31 @@ class atomic_output:
         return False
 
 
+def encode_image(image: np.ndarray, ext: str, what: str = "image") -> bytes:
+    """uint8 RGB [H, W, 3] (or grey [H, W]) -> the bytes of an image file of extension `ext`
+    (".png", ".jpg", ...), OpenCV's default encoder settings."""
+    cv2 = _cv2()
+    img = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
+    ok, buf = cv2.imencode(ext.lower(), img)
+    if not ok:
+        raise SgexError(f"{what}: OpenCV cannot encode {ext!r} images")
+    return buf.tobytes()
+
+
 def write_image(path: str | os.PathLike, image: np.ndarray) -> Path:
     """Encode uint8 RGB [H, W, 3] (or grey [H, W]) by the extension of `path`, written atomically
     (atomic_output); the encoded bytes are decoded again before the rename, so a written image
     always decodes."""
-    cv2 = _cv2()
     p = Path(path)
-    img = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
-    ok, buf = cv2.imencode(p.suffix.lower(), img)
-    if not ok:
-        raise SgexError(f"{p}: OpenCV cannot encode {p.suffix!r} images")
+    data = encode_image(image, p.suffix, str(p))
 
     def verify(tmp: Path) -> None:
-        back = cv2.imdecode(np.fromfile(tmp, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-        if back is None or back.shape[:2] != img.shape[:2]:
-            raise SgexError(f"{p}: the written file does not decode back to a {img.shape[1]}x{img.shape[0]} image")
+        back = decode_image(np.fromfile(tmp, dtype=np.uint8), str(p))
+        if back.shape[:2] != image.shape[:2]:
+            raise SgexError(f"{p}: the written file does not decode back to a {image.shape[1]}x{image.shape[0]} image")
 
     with atomic_output(p, verify=verify) as tmp:
-        write_all(tmp, buf)
+        write_all(tmp, data)
     return p
 
 
@@ -423,7 +441,8 @@ def read_x2(path: str | os.PathLike) -> np.ndarray:
 # -- pre-processing ------------------------------------------------------------------------------
 
 def pad_to_multiple(x: np.ndarray, multiple: int = SIZE_MULTIPLE) -> np.ndarray:
-    """Reflect-pad the bottom and right of [B, H, W(, C)] so H and W are multiples of `multiple`."""
+    """Reflect-pad the bottom and right of [B, H, W(, C)] so H and W are multiples of `multiple`
+    (8); returns `x` itself when both already are, and pads only the side that is not."""
     h, w = x.shape[1], x.shape[2]
     ph, pw = -h % multiple, -w % multiple
     if ph == 0 and pw == 0:
@@ -459,7 +478,10 @@ def to_uint8(y: np.ndarray) -> np.ndarray:
 
 
 def crop_output(y: np.ndarray, height: int, width: int) -> np.ndarray:
-    """[B, C, >=4H, >=4W] -> [B, C, 4H, 4W] (undo the bottom/right padding)."""
+    """[B, C, >=4H, >=4W] -> [B, C, 4H, 4W] (undo the bottom/right padding; `y` itself when
+    nothing was padded)."""
+    if y.shape[2] == height * OUTPUT_SCALE and y.shape[3] == width * OUTPUT_SCALE:
+        return y
     return y[:, :, : height * OUTPUT_SCALE, : width * OUTPUT_SCALE]
 
 
@@ -478,18 +500,76 @@ def centre_square_x2(image: np.ndarray) -> np.ndarray:
     return cv2.resize(sq, (ALIGNED_SIZE, ALIGNED_SIZE), interpolation=interp)
 
 
-def scaled_size(height: int, width: int, scale: int) -> tuple[int, int]:
-    """The x1 size resize_for_scale makes of a height x width superres input."""
-    return int(round(height * scale / OUTPUT_SCALE)), int(round(width * scale / OUTPUT_SCALE))
+def x1_size(height: int, width: int, scale: int | None, simulate_lr: bool = False) -> tuple[int, int]:
+    """The x1 size sgex-run makes from an input of height x width: (h*scale//4, w*scale//4) for
+    superres (resize_for_scale), the input size with simulate_lr or without a scale."""
+    from runtime.recipes import pre_resize_size
+
+    if scale is None or simulate_lr:
+        return height, width
+    return pre_resize_size(height, width, scale)
 
 
 def resize_for_scale(image: np.ndarray, scale: int) -> np.ndarray:
-    """Superres x1: the LR input resized by scale/4 with OpenCV bicubic (INTER_CUBIC), so the 4x
-    generator output is `scale` x the input. (The official script uses PIL bicubic after its own
-    face crop; the values differ slightly.) [h, w, 3] -> [round(h*scale/4), round(w*scale/4), 3]."""
-    cv2 = _cv2()
+    """Superres x1 from an LR image, as image_translation.py's raw path (spec 4.1): PIL bicubic to
+    (w*scale//4, h*scale//4) (floor sizes), so the 4x generator output is `scale` x the input.
+    [h, w, 3] -> [h*scale//4, w*scale//4, 3]; the image itself when the size does not change. (The
+    official script then applies its face crop; sgex-run takes the result as x1.)"""
     h, w = image.shape[:2]
-    nh, nw = scaled_size(h, w, scale)
+    nh, nw = x1_size(h, w, scale)
     if (nh, nw) == (h, w):
         return image
-    return cv2.resize(image, (nw, nh), interpolation=cv2.INTER_CUBIC)
+    if min(nh, nw) < 1:
+        raise SgexError(f"input {h}x{w} at --scale {scale} gives an empty x1 ({nh}x{nw})")
+    from runtime.faces import pil_resize
+
+    return pil_resize(image, nh, nw)
+
+
+def _cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    """Keys' cubic convolution kernel with parameter a (spec 4.1: a = -0.5)."""
+    x = np.abs(x)
+    return np.where(x <= 1, (a + 2) * x ** 3 - (a + 3) * x ** 2 + 1,
+                    np.where(x < 2, a * x ** 3 - 5 * a * x ** 2 + 8 * a * x - 4 * a, 0.0))
+
+
+def bicubic_downsample(image: np.ndarray, factor: int) -> np.ndarray:
+    """The official BicubicDownSample (spec 4.1) of uint8 RGB [H, W, 3] by an integer `factor`
+    -> uint8 [H//factor, W//factor, 3].
+
+    Separable kernel of 4*factor taps k(i) = cubic((i - 2*factor + 0.5) / factor), a = -0.5,
+    normalised to sum 1; reflect padding of 3*factor per axis (top/left: half, floored); stride
+    `factor`; the vertical pass then the horizontal pass, in float32 on x/255; the result clamped to
+    [0, 1] and converted with x255 and truncation. factor 1 is a 4-tap half-pixel shift, not the
+    identity."""
+    if factor < 1:
+        raise SgexError(f"downsample factor must be >= 1, got {factor}")
+    size = 4 * factor
+    taps = _cubic((np.arange(size, dtype=np.float64) - size // 2 + 0.5) / factor)
+    k = (taps / taps.sum()).astype(np.float32)
+    pad = size - factor
+    lo, hi = pad // 2, pad - pad // 2
+    x = image.astype(np.float32) / np.float32(255.0)  # [H, W, 3]
+    h, w = x.shape[:2]
+    if min(h, w) <= hi:
+        raise SgexError(f"image {h}x{w} is too small to downsample by {factor}")
+    out_h, out_w = (h + pad - size) // factor + 1, (w + pad - size) // factor + 1
+    x = np.pad(x, ((lo, hi), (0, 0), (0, 0)), mode="reflect")
+    rows = np.arange(out_h)[:, None] * factor + np.arange(size)[None, :]  # [out_h, size]
+    x = np.einsum("osc,s->oc", x[rows].reshape(out_h, size, -1), k).reshape(out_h, w, 3)
+    x = np.pad(x, ((0, 0), (lo, hi), (0, 0)), mode="reflect")
+    cols = np.arange(out_w)[:, None] * factor + np.arange(size)[None, :]
+    x = np.einsum("hosc,s->hoc", x[:, cols], k)
+    return (np.clip(x, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
+
+
+def simulate_lr(image: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """The official super-resolution demo path (spec 4.1 default path) on an HR image uint8
+    [H, W, 3]: LR = bicubic_downsample(image, scale // 4), then x1 = LR resized back to (W, H) with
+    PIL bicubic. Returns (x1 [H, W, 3], LR [H//f, W//f, 3]); the output of x1 is 4H x 4W, i.e.
+    `scale` x the LR."""
+    from runtime.faces import pil_resize
+
+    lr = bicubic_downsample(image, scale // OUTPUT_SCALE)
+    h, w = image.shape[:2]
+    return pil_resize(lr, h, w), lr

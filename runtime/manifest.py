@@ -4,13 +4,15 @@ Layout of one task directory (written by `export.onnx.export_task`, read by `run
 
     <task>/manifest.json
     <task>/style/style.onnx              RGB tasks: fixed 256x256, dynamic batch
-    <task>/<side>/synth.onnx             or translate.onnx; dynamic batch, height, width
-    <task>/<side>/<graph>.engine         TensorRT, optional (export/engine.py)
+    <task>/<res>/synth.onnx              or translate.onnx; dynamic batch, height, width
+    <task>/<res>/<graph>.engine          TensorRT, optional (export/engine.py)
     <task>/editing_w.npy                 edit task only: float32 [1, 18, D]
 
 The manifest names every file with its sha256; the runtime refuses a directory whose files do not
 match (`verify`), a manifest of another format or version, or one of another task. Graph keys are
-"style" and "<graph>@<side>" ("synth@128", "translate@512").
+"style" and "<graph>@<res>" ("synth@1024", "translate@512"), where res is the bucket's output side
+(runtime/buckets.py: x1 sides multiples of 8 up to res/4). Version 1 named buckets by their largest
+input side; such a manifest is refused with a request to re-export.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from runtime.errors import SgexError
 from runtime.tasks import ALIGNED_SIZE, N_LATENT, N_NOISE, STYLE_DIM, TASKS, WIDTH_DIVS, Task
 
 FORMAT = "sgex-manifest"
-VERSION = 1
+VERSION = 2  # 2: buckets named by the output side (1: by the input side)
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16")
 FLAVORS = ("portable", "plugin")
@@ -41,7 +43,11 @@ REQUIRED = {"format": _STR, "version": _INT, "task": _STR, "variant": _STR, "pre
             "flavor": _STR, "noise": _STR, "style_dim": _INT, "n_latent": _INT, "inputs": (dict,),
             "checkpoint": (dict,), "graphs": (dict,), "files": (dict,), "engines": (dict,),
             "versions": (dict,), "created": _STR}
-OPTIONAL = {"plan": (dict,)}  # fp16 exports: the precision plan the graphs were built with
+# Optional top-level field: the OpenVINO BF16 accuracy gate written by `sgex-calib --bf16`
+# (calib/bf16.py) and read by runtime/backends/openvino.py.
+BF16_GATE = "openvino_bf16"
+OPTIONAL = {"plan": (dict,),  # fp16 exports: the precision plan the graphs were built with
+            BF16_GATE: (dict,)}
 GRAPH_FIELDS = {"file": _STR, "sha256": _STR, "inputs": (list,), "outputs": (list,),
                 "graph": _STR, "bucket": (dict,) + _NONE, "dims": (dict,), "precision": _STR,
                 "flavor": _STR, "opset": _INT, "nodes": _INT}
@@ -54,7 +60,7 @@ IO_FIELDS = {"name": _STR, "dtype": _STR, "shape": (list,)}
 NOISE = {"random": "explicit", "zero": "zero"}  # task table noise -> manifest noise
 
 __all__ = [
-    "Manifest", "FORMAT", "VERSION", "MANIFEST_NAME", "OPTIONAL", "sha256_file", "graph_key", "parse_graph_key",
+    "Manifest", "FORMAT", "VERSION", "MANIFEST_NAME", "BF16_GATE", "OPTIONAL", "sha256_file", "graph_key", "parse_graph_key",
     "graph_io", "check_schema",
     "atomic_write_bytes", "atomic_write_text",
 ]
@@ -70,7 +76,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def graph_key(graph: str, side: int | None) -> str:
-    """"style" (no bucket) or "<graph>@<side>"."""
+    """"style" (no bucket) or "<graph>@<side>" (side: the bucket's output side)."""
     return graph if side is None else f"{graph}@{side}"
 
 
@@ -182,6 +188,9 @@ def check_schema(d, source: str = "manifest") -> None:
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         fmt = d.get("format") if isinstance(d, dict) else type(d).__name__
         raise SgexError(f"{source}: not an sgex manifest (format {fmt!r}, expected {FORMAT!r})")
+    if d.get("version") == 1:
+        raise SgexError(f"{source}: an export of the old layout (manifest version 1, buckets named by "
+                        f"the input side); re-export it with sgex-export (--res is now the output side)")
     if d.get("version") != VERSION or not _is(d.get("version"), _INT):
         raise SgexError(f"{source}: manifest version {d.get('version')!r} is not supported "
                         f"(this sgex reads version {VERSION})")
@@ -316,7 +325,7 @@ class Manifest:
     versions = property(lambda self: self.data["versions"])
 
     def graph(self, key: str) -> dict:
-        """The graph entry for a key ("style", "synth@128"); SgexError naming what exists."""
+        """The graph entry for a key ("style", "synth@1024"); SgexError naming what exists."""
         try:
             return self.graphs[key]
         except KeyError:
@@ -324,7 +333,7 @@ class Manifest:
             raise SgexError(f"task {self.task!r} has no exported graph {key!r} (exported: {have})") from None
 
     def buckets(self) -> list[Bucket]:
-        """Buckets with a per-bucket graph, smallest side first."""
+        """Buckets with a per-bucket graph, smallest (output) side first."""
         seen: dict[int, Bucket] = {}
         for key, g in self.graphs.items():
             b = g.get("bucket")

@@ -15,7 +15,8 @@ N_LATENT = 18
 STYLE_DIM = 512
 N_NOISE = 17  # conv1 + convs.0..15
 ALIGNED_SIZE = 256  # x2, the aligned face the style code is computed from
-SIZE_MULTIPLE = 32  # every x1 side is padded to this (encoder stride 16 and FPN sizes stay exact)
+SIZE_MULTIPLE = 8  # x1 sides are multiples of this: the official crop floors to 8, and skip fusion
+#                   needs it (spec 5); only a side that is not one is padded (runtime.io)
 OUTPUT_SCALE = 4  # generator output = 4 x the x1 size
 INJECT_ROWS = tuple(range(8, 18))  # sketch/mask: rows of w+ replaced by the injected code
 INJECT_SCALE = 0.7  # inject = 0.7 * mapping(z), a plain scaling (not truncation)

@@ -1,10 +1,10 @@
-"""The one interface every backend implements, so ONNX Runtime, TensorRT and the PyTorch
+"""The one interface every backend implements, so ONNX Runtime, TensorRT, OpenVINO and the PyTorch
 reference are interchangeable and comparable on the same feeds.
 
 Graph keys and I/O names are those of the manifest (runtime/manifest.py):
 
     "style"            x2 float32 [B, 3, 256, 256] in [-1, 1]            -> wplus [B, 18, D]
-    "synth@<side>"     x1 float32 [B, 3, H, W] in [-1, 1] (H, W multiples of 32, <= side),
+    "synth@<side>"     x1 float32 [B, 3, H, W] in [-1, 1] (H, W multiples of 8, <= side/4),
                        wplus [B, 18, D], editing_w [B, 18, D] (edit task only, already scaled),
                        noise_0..noise_16 [B, 1, h_j, w_j] (manifest noise "explicit" only)
                                                                          -> y [B, 3, 4H, 4W]
@@ -25,7 +25,7 @@ import numpy as np
 class Backend(abc.ABC):
     """Runs one exported task's graphs. Construct through `runtime.backends.create`."""
 
-    name: str = ""  # "ort" | "torch" | "trt"
+    name: str = ""  # "ort" | "torch" | "trt" | "openvino"
 
     @abc.abstractmethod
     def run(self, key: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -49,8 +49,13 @@ def choose_providers(available: list[str], device: str | None) -> list:
 class OrtBackend(Backend):
     name = "ort"
 
-    def __init__(self, artifacts_dir, manifest, device: str | None = None):
-        """artifacts_dir: the task directory; manifest: its verified runtime.manifest.Manifest."""
+    def __init__(self, artifacts_dir, manifest, device: str | None = None, *,
+                 intra_op_threads: int | None = None):
+        """artifacts_dir: the task directory; manifest: its verified runtime.manifest.Manifest;
+        intra_op_threads: ONNX Runtime's intra-op pool size (None: its default, one thread per
+        physical core; a server replica passes its CPU share so replicas do not oversubscribe)."""
+        if intra_op_threads is not None and intra_op_threads < 1:
+            raise SgexError(f"intra-op threads must be >= 1, got {intra_op_threads}")
         ort = require("onnxruntime", "onnx", "ONNX Runtime")
         self._ort = ort
         self.dir = Path(artifacts_dir)
@@ -60,17 +65,23 @@ class OrtBackend(Backend):
         self._plugin = manifest.flavor == "plugin"
         self._sessions: dict = {}
         self._outputs: dict[str, list[str]] = {}
-        log.info("ort backend: onnxruntime %s, %s%s", ort.__version__, self.provider,
-                 " (device auto)" if device in (None, "auto") else "")
+        self.intra_op_threads = intra_op_threads
+        log.info("ort backend: onnxruntime %s, %s%s, intra-op threads %s", ort.__version__, self.provider,
+                 " (device auto)" if device in (None, "auto") else "",
+                 intra_op_threads if intra_op_threads is not None else "default")
 
     def _options(self):
         if self._plugin:
             onnx_op = require("kernels.onnx_op", "onnx", "the fused-op ONNX Runtime kernel")
             try:
-                return onnx_op.ort_session_options()
+                opts = onnx_op.ort_session_options()
             except ImportError as e:  # onnxruntime-extensions missing
                 raise MissingDependency("onnxruntime-extensions (plugin-flavor graphs)", "onnx", str(e)) from None
-        return self._ort.SessionOptions()
+        else:
+            opts = self._ort.SessionOptions()
+        if self.intra_op_threads is not None:
+            opts.intra_op_num_threads = self.intra_op_threads
+        return opts
 
     def session(self, key: str):
         """The InferenceSession of graph `key` (created and cached on first use)."""

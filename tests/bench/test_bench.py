@@ -33,7 +33,7 @@ def _run(argv, capsys):
 def image_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     js, png = out / "r.json", out / "r.png"
-    rc = bench.main(["--task", "superres", "--res", "64", "--backends", "torch-official,torch,ort",
+    rc = bench.main(["--task", "superres", "--res", "256", "--backends", "torch-official,torch,ort",
                      *TINY, "--json", str(js), "--plot", str(png)])
     assert rc == 0
     return json.loads(js.read_text()), png
@@ -42,7 +42,7 @@ def image_result(tmp_path_factory):
 def test_image_json_has_every_field(image_result):
     r, png = image_result
     assert r["format"] == "sgex-bench" and r["version"] == 1
-    assert r["command"].startswith("sgex-bench --task superres --res 64")
+    assert r["command"].startswith("sgex-bench --task superres --res 256")
     assert r["backends"] == ["torch-official", "torch", "ort"] and r["baseline"] == "torch-official"
     m = r["machine"]
     for k in ("device_name", "cpu_model", "cpu_count", "load_avg_start", "load_avg_end", "platform"):
@@ -54,7 +54,7 @@ def test_image_json_has_every_field(image_result):
     assert r["noise"] == "explicit"  # superres: seeded explicit noise, the same for every backend
 
     (run,) = r["runs"]
-    assert run["res"] == 64 and run["output_shape"] == [1, 3, 256, 256]
+    assert run["res"] == 256 and run["x1"] == 64 and run["output_shape"] == [1, 3, 256, 256]  # bucket = output side
     assert run["shapes"]["x1"] == [1, 3, 64, 64] and run["shapes"]["x2"] == [1, 3, 256, 256]
     assert len(run["shapes"]["noise"]) == 17
     g = run["gflop"]
@@ -98,7 +98,7 @@ def test_table_names_every_backend(image_result):
 
 def test_video_mode_style_once_per_clip(tmp_path, capsys):
     js = tmp_path / "v.json"
-    rc, out, err = _run(["--task", "toonify", "--res", "32", "--mode", "video", "--frames", "2",
+    rc, out, err = _run(["--task", "toonify", "--res", "128", "--mode", "video", "--frames", "2",
                          "--backends", "torch-official,torch", "--random-weights", "--width-div", "4",
                          "--iters", "1", "--warmup", "0", "--json", str(js)], capsys)
     assert rc == 0, err
@@ -121,7 +121,7 @@ def test_video_mode_style_once_per_clip(tmp_path, capsys):
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
 def test_unavailable_backend_is_one_line_error(capsys):
-    rc, out, err = _run(["--task", "superres", "--res", "64", "--backends", "torch,trt", *TINY], capsys)
+    rc, out, err = _run(["--task", "superres", "--res", "256", "--backends", "torch,trt", *TINY], capsys)
     assert rc == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -131,12 +131,27 @@ def test_unavailable_backend_is_one_line_error(capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--res", "100"], "multiple of 32"),
-    (["--res", "64", "--backends", "onnx"], "unknown backend"),
-    (["--res", "64", "--iters", "0"], "--iters"),
+    (["--res", "256", "--backends", "onnx"], "unknown backend"),
+    (["--res", "256", "--iters", "0"], "--iters"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, needle, capsys):
     rc, _, err = _run(["--task", "superres", *argv, *TINY[:3]], capsys)
     assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_torch_variants_only_when_named(capsys, tmp_path):
+    # torch-cudagraph needs CUDA: a one-line error here, never a silent skip or an eager run
+    rc, _, err = _run(["--task", "superres", "--res", "64", "--backends", "torch-official,torch-cudagraph",
+                       *TINY], capsys)
+    assert rc == 2 and "CUDA graphs need --device cuda" in err and len(err.strip().splitlines()) == 1
+    chosen = bench.resolve_backends(bench.BenchConfig(task="superres", res=(64,), random_weights=True))
+    assert not set(chosen) & set(bench.TORCH_VARIANTS)
+    bad = tmp_path / "plan.json"
+    bad.write_text('{"format": "nope"}')
+    for argv, needle in ((["--compile-mode", "fastest"], "--compile-mode"),
+                         (["--plan", str(bad)], "not an sgex precision plan")):
+        rc, _, err = _run(["--task", "superres", "--res", "64", *argv, *TINY], capsys)
+        assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_summarize_and_compare():
@@ -154,7 +169,7 @@ def test_summarize_and_compare():
 
 
 def test_default_backends_are_the_available_ones_and_logged(caplog):
-    cfg = bench.BenchConfig(task="superres", res=(64,), random_weights=True)
+    cfg = bench.BenchConfig(task="superres", res=(256,), random_weights=True)
     with caplog.at_level("INFO", logger="bench.cli"):
         chosen = bench.resolve_backends(cfg)
     assert chosen[0] == "torch-official" and "torch" in chosen
@@ -163,6 +178,47 @@ def test_default_backends_are_the_available_ones_and_logged(caplog):
     assert "trt" not in chosen  # TensorRT needs --device cuda and engines
     msg = " ".join(r.getMessage() for r in caplog.records)
     assert "backends (all available)" in msg and "skipped trt" in msg
+
+
+def _native_bf16() -> bool:
+    if importlib.util.find_spec("openvino") is None:
+        return False
+    import openvino as ov
+
+    from runtime.backends.openvino import bf16_support
+
+    return bf16_support(ov.Core())[0]
+
+
+@pytest.mark.skipif(not _native_bf16(), reason="needs OpenVINO and a CPU with native BF16")
+def test_openvino_fp32_and_bf16_rows(tmp_path, capsys):
+    """The committed CPU command at tiny size: export, BF16 gate, then the benchmark reads the
+    gated artifacts; openvino-bf16 on an ungated export is a one-line error."""
+    from calib.bf16 import gate_artifacts, write_gate
+    from export.onnx import export_task
+
+    export_task("superres", 32, random_weights=True, width_div=4, seed=0, out=tmp_path, max_batch=1, progress=False)
+    art = ["--artifacts", str(tmp_path)]
+    argv = ["--task", "superres", "--res", "32", *TINY, "--seed", "0", *art]
+    rc, _, err = _run([*argv, "--backends", "torch-official,openvino-bf16"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "BF16 accuracy report" in err, err
+    record, _ = gate_artifacts(tmp_path / "superres", samples=1, threads=1)
+    write_gate(tmp_path / "superres", record)
+    js = tmp_path / "r.json"
+    rc, out, err = _run([*argv, "--backends", "torch-official,ort,openvino-fp32,openvino-bf16", "--json", str(js)],
+                        capsys)
+    assert rc == 0, err
+    r = json.loads(js.read_text())
+    assert r["backends"] == ["torch-official", "ort", "openvino-fp32", "openvino-bf16"]
+    assert r["versions"]["openvino"]
+    rows = r["runs"][0]["backends"]
+    assert rows["openvino-fp32"]["precision"] == "fp32" and rows["openvino-bf16"]["precision"] == "bf16"
+    assert rows["openvino-fp32"]["settings"]["synth@32"]["config"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert rows["openvino-bf16"]["settings"]["synth@32"]["config"]["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert rows["openvino-fp32"]["accuracy"]["rel_max_abs_diff"] <= REL_TOL["ort"]
+    assert rows["openvino-bf16"]["accuracy"]["finite"]
+    assert rows["openvino-bf16"]["accuracy"]["psnr_ref_range_db"] >= 30  # vs the FP32 baseline, end to end
+    assert "openvino-bf16" in out
 
 
 def test_video_mode_end_to_end_on_both_libraries(tmp_path, capsys):

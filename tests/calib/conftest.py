@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-RES = 32  # calibration bucket of the tests (the exported graphs accept 32 and 64)
+RES = 128  # calibration bucket of the tests (output side; x1 up to 32)
 
 
 @pytest.fixture(scope="session")

@@ -160,6 +160,41 @@ def test_constant_buffers_are_optional(tiny_ckpt, tmp_path):
                                    atol=0, rtol=0)
 
 
+def _official_constant(key: str) -> torch.Tensor:
+    """The constants as the official modules build them (spec 1.4, 1.5, 6), written here from the
+    spec: blur_weight = [1,2,1] x [1,2,1] / 16; Blur/Upsample kernels = [1,3,3,1] x [1,3,3,1] / 64
+    times factor^2 = 4 (every stored kernel belongs to an upsampling layer)."""
+    if key.endswith("blur_weight"):
+        k = torch.tensor([1.0, 2.0, 1.0])
+        return torch.outer(k, k).div(16).view(1, 1, 3, 3)
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0])
+    return torch.outer(k, k).div(64).mul(4)
+
+
+def test_random_checkpoint_holds_the_official_constants(tiny_ckpt):
+    sd = torch.load(tiny_ckpt("superres"), map_location="cpu", weights_only=True)["state_dict"]
+    keys = [k for k in sd if k.endswith(("blur_weight", ".blur.kernel", ".upsample.kernel"))]
+    assert len(keys) == 6 + 16  # 3 dilated up-convs + 3 dilated ToRGBs; 8 up-convs + 8 ToRGB upsamples
+    for k in keys:
+        torch.testing.assert_close(sd[k], _official_constant(k), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("key, change", [
+    ("decoder.convs.2.conv.blur_weight", lambda t: t.index_put_((torch.tensor(0), torch.tensor(0), torch.tensor(1),
+                                                                 torch.tensor(1)), torch.tensor(0.3))),
+    ("decoder.to_rgbs.5.upsample.kernel", lambda t: t.div_(4)),  # gain 1 instead of factor^2
+])
+def test_changed_blur_buffer_is_refused(tiny_ckpt, tmp_path, key, change):
+    raw = torch.load(tiny_ckpt("superres"), map_location="cpu", weights_only=True)
+    want = _official_constant(key)
+    change(raw["state_dict"][key])
+    diff = float((raw["state_dict"][key] - want).abs().max())
+    p = tmp_path / "modified.pt"
+    torch.save(raw, p)
+    msg = _one_line_error(lambda: load_checkpoint(p), f"constant buffer {key} differs")
+    assert f"max |diff| {diff:.3g}" in msg
+
+
 def test_latent_avg_and_editing_w_layouts(tiny_ckpt, tmp_path):
     raw = torch.load(tiny_ckpt("edit"), map_location="cpu", weights_only=True)
     d = raw["latent_avg"].shape[-1]

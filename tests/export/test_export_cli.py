@@ -38,8 +38,9 @@ def _run_cli(capsys, args):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--task", "superres", "--res", "100", "--random-weights"], "multiple of 32"),
+    (["--task", "superres", "--res", "100", "--random-weights"], "--res is the output side: a multiple of 32"),
     (["--task", "superres", "--res", "0", "--random-weights"], "multiple of 32"),
+    (["--task", "superres", "--res", "16", "--random-weights"], "at least 32"),
     (["--task", "colorize", "--res", "64", "--random-weights"], "unknown task 'colorize'"),
     (["--task", "superres", "--res", "64"], "--ckpt FILE"),
     (["--task", "superres", "--res", "64", "--random-weights", "--plan", "p.json"], "--plan only applies"),

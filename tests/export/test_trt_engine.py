@@ -63,10 +63,10 @@ def test_profile_shapes_every_task_graph(task_name):
             assert bucket.max_batch == 2
             assert shapes["x2"] == {"min": (1, 3, 256, 256), "opt": (1, 3, 256, 256), "max": (2, 3, 256, 256)}
             continue
-        side = graph["bucket"]["side"]
+        side = graph["bucket"]["side"] // 4  # bucket = output side; x1 up to a quarter of it
         img = "x1" if task.graphs[-1] == "synth" else "x"
         c = 3 if img == "x1" else task.in_channels
-        assert shapes[img] == {"min": (1, c, 32, 32), "opt": (1, c, side, side), "max": (2, c, side, side)}
+        assert shapes[img] == {"min": (1, c, 8, 8), "opt": (1, c, side, side), "max": (2, c, side, side)}
         for name in ("wplus", "editing_w"):
             if name in shapes:
                 assert shapes[name] == {"min": (1, N_LATENT, D), "opt": (1, N_LATENT, D), "max": (2, N_LATENT, D)}
@@ -81,21 +81,24 @@ def test_profile_shapes_every_task_graph(task_name):
         noises = [n for n in shapes if n.startswith("noise_")]
         assert len(noises) == (N_NOISE if task.noise == "random" else 0)
         for j, name in enumerate(noises):
-            assert shapes[name]["min"] == (1, 1, *noise_shapes(32, 32)[j])
+            assert shapes[name]["min"] == (1, 1, *noise_shapes(8, 8)[j])
             assert shapes[name]["max"] == (2, 1, *noise_shapes(side, side)[j])
 
 
 def test_profile_noise_ends_at_output_size():
-    """Recorded facts: at side 128 the first noise map is F=16 and the last one is 4*128."""
-    shapes = eng.profile_shapes(make_manifest("superres").graphs["synth@128"], Bucket(128, 2))
+    """Recorded facts: bucket 512 (x1 up to 128): the first noise map is F=16 and the last one is
+    the output, 512; at the profile minimum (x1 8x8) they are 1 and 32."""
+    shapes = eng.profile_shapes(make_manifest("superres", sides=(512,)).graphs["synth@512"], Bucket(512, 2))
+    assert shapes["x1"]["max"] == (2, 3, 128, 128)
     assert shapes["noise_0"]["max"] == (2, 1, 16, 16)
     assert shapes["noise_16"]["max"] == (2, 1, 512, 512)
-    assert shapes["noise_16"]["min"] == (1, 1, 128, 128)
+    assert shapes["noise_0"]["min"] == (1, 1, 1, 1)
+    assert shapes["noise_16"]["min"] == (1, 1, 32, 32)
 
 
 def test_profile_opt_batch_is_clamped_to_bucket():
     shapes = eng.profile_shapes(make_manifest("toonify").graphs["synth@128"], Bucket(128, 2), opt_batch=8)
-    assert shapes["x1"]["opt"] == (2, 3, 128, 128)
+    assert shapes["x1"]["opt"] == (2, 3, 32, 32)
 
 
 def test_style_graph_takes_largest_max_batch():
@@ -163,7 +166,7 @@ def test_engine_entry_fields():
     assert e["file"] == "128/synth.engine"
     assert e["sha256"] == hashlib.sha256(b"plan").hexdigest()
     assert e["onnx_sha256"] == graph["sha256"]
-    assert e["profile"]["x1"] == {"min": [1, 3, 32, 32], "opt": [1, 3, 128, 128], "max": [2, 3, 128, 128]}
+    assert e["profile"]["x1"] == {"min": [1, 3, 8, 8], "opt": [1, 3, 32, 32], "max": [2, 3, 32, 32]}
     assert (e["tensorrt"], e["gpu"], e["compute_capability"], e["precision"], e["plugin"]) == (
         "10.9.0.34", "NVIDIA H100", "9.0", "fp16", "aot")
     m.engines["synth@128"] = e
@@ -401,6 +404,6 @@ def test_fake_cli_helpers_build(fake_build):
     args = _parser().parse_args(["--engine", "--workspace-gb", "1.5", "--opt-batch", "2", "--timing-cache", "none"])
     m = eng.maybe_build(args, fake_build.dir)
     assert sorted(m.engines) == ["style", "synth@64"]
-    assert m.engines["synth@64"]["profile"]["x1"]["opt"] == [2, 3, 64, 64]
+    assert m.engines["synth@64"]["profile"]["x1"]["opt"] == [2, 3, 16, 16]  # bucket 64: x1 up to 16
     assert fake_build.calls.configs[0]["memory_pool_limits"] == {"workspace": int(1.5 * (1 << 30))}
     assert not (fake_build.dir / "trt-timing-cache").exists()

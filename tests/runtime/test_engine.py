@@ -65,7 +65,7 @@ class FakeBackend(Backend):
         return "fake"
 
 
-def fake_engine(task="superres", buckets=(Bucket(64, 2), Bucket(128, 4))):
+def fake_engine(task="superres", buckets=(Bucket(256, 2), Bucket(512, 4))):  # x1 up to 64 / 128
     spec = get_task(task)
     eng = Engine.__new__(Engine)
     ew = np.ones((1, 18, D), np.float32) if spec.editing else None
@@ -75,7 +75,7 @@ def fake_engine(task="superres", buckets=(Bucket(64, 2), Bucket(128, 4))):
     return eng
 
 
-def test_pad_crop_non_multiple_of_32():
+def test_pad_only_to_8_and_crop():
     eng = fake_engine()
     img = np.random.default_rng(0).integers(0, 256, (1, 40, 50, 3), dtype=np.uint8)
     y = eng.synthesize(img, np.zeros((1, 18, D), np.float32))
@@ -83,23 +83,42 @@ def test_pad_crop_non_multiple_of_32():
     expect = rio.to_uint8(np.repeat(np.repeat(rio.rgb_to_model(img), 4, 2), 4, 3))
     np.testing.assert_array_equal(y, expect)
     key, shapes = eng.backend.calls[-1]
-    assert key == "synth@64" and shapes["x1"] == (1, 3, 64, 64)
-    assert shapes["noise_16"] == (1, 1) + noise_shapes(64, 64)[16]
+    assert key == "synth@256" and shapes["x1"] == (1, 3, 40, 56)  # 40 stays, 50 -> 56
+    assert shapes["noise_16"] == (1, 1) + noise_shapes(40, 56)[16]
+
+
+@pytest.mark.parametrize("task", ["superres", "edit", "sketch2face"])
+@pytest.mark.parametrize("b,h,w", [(1, 72, 88), (2, 40, 56), (1, 8, 8)])
+def test_multiples_of_8_reach_the_backend_at_their_size(task, b, h, w):
+    """No padding for sides that are multiples of 8 (not of 16 or 32): the official crop sizes."""
+    eng = fake_engine(task, buckets=(Bucket(256, 2), Bucket(384, 4)))
+    if eng.bucket_graph == "synth":
+        y = eng.synthesize_float(np.zeros((b, h, w, 3), np.uint8), np.zeros((1, 18, D), np.float32))
+        name = "x1"
+    else:
+        y = eng.translate_float(np.zeros((b, h, w), np.uint8))
+        name = "x"
+    assert y.shape == (b, 3, 4 * h, 4 * w)
+    key, shapes = eng.backend.calls[-1]
+    assert shapes[name][2:] == (h, w) and key.endswith("@384" if max(h, w) > 64 else "@256")
+    if "noise_0" in shapes:
+        assert shapes["noise_0"][2:] == (h // 8, w // 8) and shapes["noise_16"][2:] == (4 * h, 4 * w)
 
 
 def test_bucket_routing_and_chunking():
     eng = fake_engine()
     w = np.zeros((1, 18, D), np.float32)
-    eng.synthesize(np.zeros((5, 70, 30, 3), np.uint8), w)  # 96x32 after padding -> bucket 128
-    assert [(k, s["x1"][0]) for k, s in eng.backend.calls] == [("synth@128", 4), ("synth@128", 1)]
+    eng.synthesize(np.zeros((5, 70, 30, 3), np.uint8), w)  # 72x32 after padding -> bucket 512
+    assert [(k, s["x1"][0]) for k, s in eng.backend.calls] == [("synth@512", 4), ("synth@512", 1)]
     eng.backend.calls.clear()
-    eng.synthesize(np.zeros((3, 64, 33, 3), np.uint8), w)  # 64x64 fits bucket 64 (max batch 2)
-    assert [(k, s["x1"]) for k, s in eng.backend.calls] == [("synth@64", (2, 3, 64, 64)), ("synth@64", (1, 3, 64, 64))]
-    with pytest.raises(SgexError, match="larger than the largest exported bucket \\(128\\)"):
+    eng.synthesize(np.zeros((3, 64, 33, 3), np.uint8), w)  # 64x40 fits bucket 256 (x1 <= 64, max batch 2)
+    assert [(k, s["x1"]) for k, s in eng.backend.calls] == [("synth@256", (2, 3, 64, 40)), ("synth@256", (1, 3, 64, 40))]
+    with pytest.raises(SgexError, match=r"x1 129x10 does not fit: the largest exported bucket 512 holds x1 up to "
+                                        r"128x128; bucket 544 would hold it \(export it with --res 544\)"):
         eng.synthesize(np.zeros((1, 129, 10, 3), np.uint8), w)
     torch_like = fake_engine(buckets=None)  # torch: any size, one call
     torch_like.synthesize(np.zeros((5, 200, 40, 3), np.uint8), w)
-    assert [k for k, _ in torch_like.backend.calls] == ["synth@224"]
+    assert [k for k, _ in torch_like.backend.calls] == ["synth@800"]
 
 
 def test_validation_names_the_dimension():
@@ -133,7 +152,7 @@ def test_process_style_from_centre_square_and_edit_scale():
     assert out.shape == (160, 480, 3)
     (k0, s0), (k1, s1) = eng.backend.calls
     assert k0 == "style" and s0["x2"] == (1, 3, 256, 256)
-    assert k1 == "synth@128" and s1["editing_w"] == (1, 18, D) and "noise_0" not in s1  # video recipe: zero noise
+    assert k1 == "synth@512" and s1["editing_w"] == (1, 18, D) and "noise_0" not in s1  # video recipe: zero noise
 
 
 def test_random_inputs_rule():
@@ -157,7 +176,7 @@ def test_process_video_style_once():
     outs = list(eng.process_video(iter(frames), batch_size=2))
     assert len(outs) == 5 and outs[0].shape == (160, 160, 3)
     keys = [k for k, _ in eng.backend.calls]
-    assert keys == ["style", "synth@64", "synth@64", "synth@64"]
+    assert keys == ["style", "synth@256", "synth@256", "synth@256"]
     with pytest.raises(SgexError, match="no frames"):
         list(eng.process_video(iter([])))
 
@@ -175,6 +194,58 @@ def torch_engines(tiny_ckpt):
         return cache[task]
 
     return get
+
+
+OFFICIAL_CROP_SIZES = [(1, 72, 88), (2, 72, 88), (1, 40, 56), (2, 40, 56)]  # multiples of 8, not of 16 or 32
+
+
+def reference_call(eng, x, wplus=None, *, seed=0, edit_scale=1.0):
+    """The reference model (export.networks.StyleGANEX) called directly at the input's own size with
+    the Engine's documented seeded inputs: float32 [B, 3, 4H, 4W]."""
+    import torch
+
+    model = eng.backend.model
+    b, h, w = x.shape[:3]
+    rand = make_random_inputs(seed, b, h, w, noise=eng._noise,
+                              z_dim=eng.style_dim if eng.bucket_graph == "translate" else None)
+    noises = [torch.from_numpy(rand[f"noise_{j}"]) for j in range(N_NOISE)] if eng._noise else None
+    with torch.inference_mode():
+        if eng.bucket_graph == "translate":
+            t = rio.sketch_to_model(x) if eng.spec.input_kind == "sketch" else rio.mask_to_model(x)
+            return model.translate(torch.from_numpy(t), torch.from_numpy(rand["z"]), noises=noises).numpy()
+        ew = None
+        if eng.editing_w is not None:
+            ew = torch.from_numpy(np.repeat(eng.editing_w * np.float32(edit_scale), b, axis=0))
+        return model.synth(torch.from_numpy(rio.rgb_to_model(x)), torch.from_numpy(wplus), editing_w=ew,
+                           noises=noises).numpy()
+
+
+def engine_inputs(eng, b, h, w, seed):
+    rng = np.random.default_rng(seed)
+    if eng.bucket_graph == "translate":
+        top = 19 if eng.spec.input_kind == "mask" else 256
+        return rng.integers(0, top, (b, h, w), dtype=np.uint8), None
+    wplus = rng.standard_normal((b, 18, eng.style_dim)).astype(np.float32) * np.float32(0.5)
+    return rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8), wplus
+
+
+def engine_float(eng, x, wplus, seed, edit_scale=1.0):
+    if eng.bucket_graph == "translate":
+        return eng.translate_float(x, seed=seed)
+    return eng.synthesize_float(x, wplus, seed=seed, edit_scale=edit_scale)
+
+
+@pytest.mark.parametrize("task", ["superres", "edit", "toonify", "inversion", "sketch2face", "mask2face"])
+def test_torch_engine_at_official_crop_sizes_equals_the_reference(torch_engines, task):
+    """x1 at multiples of 8 that are not multiples of 16 or 32 reaches the model as it is: the
+    Engine's output equals the reference model called directly at that size."""
+    eng = torch_engines(task)
+    for i, (b, h, w) in enumerate(OFFICIAL_CROP_SIZES):
+        x, wplus = engine_inputs(eng, b, h, w, seed=i)
+        y = engine_float(eng, x, wplus, seed=[i + 1, i + 2][:b], edit_scale=-1.5)
+        ref = reference_call(eng, x, wplus, seed=[i + 1, i + 2][:b], edit_scale=-1.5)
+        assert y.shape == ref.shape == (b, 3, 4 * h, 4 * w)
+        assert_close_scaled(y, ref, 1e-4)
 
 
 def test_torch_batch_equals_singles_and_seeds(torch_engines):
@@ -232,10 +303,10 @@ def tiny_export(tiny_superres_export):
 
 def test_ort_equals_torch(tiny_export, torch_engines):
     ort_eng = Engine(tiny_export, backend="auto", task="superres")
-    assert ort_eng.backend.name == "ort" and [b.side for b in ort_eng.buckets] == [32]
+    assert ort_eng.backend.name == "ort" and ort_eng.buckets == [Bucket(1024, 2)]
     ref = torch_engines("superres")
     rng = np.random.default_rng(3)
-    x1 = rng.integers(0, 256, (3, 20, 27, 3), dtype=np.uint8)  # padded to 32; batch 3 > max batch 2: two chunks
+    x1 = rng.integers(0, 256, (3, 20, 27, 3), dtype=np.uint8)  # padded to 24x32; batch 3 > max batch 2: two chunks
     x2 = rng.integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
     w_ort, w_ref = ort_eng.compute_style(x2), ref.compute_style(x2)
     assert_close_scaled(w_ort, w_ref, 2e-4)
@@ -245,8 +316,22 @@ def test_ort_equals_torch(tiny_export, torch_engines):
     assert y_ort.shape == (3, 3, 80, 108)
     np.testing.assert_allclose(y_ort, y_ref, atol=1e-4)
     assert_uint8_close(rio.to_uint8(y_ort), rio.to_uint8(y_ref))
-    with pytest.raises(SgexError, match="larger than the largest exported bucket"):
-        ort_eng.synthesize(np.zeros((1, 33, 8, 3), np.uint8), w_ref[:1])
+    with pytest.raises(SgexError, match=r"bucket 1056 would hold it \(export it with --res 1056\)"):
+        ort_eng.synthesize(np.zeros((1, 264, 264, 3), np.uint8), w_ref[:1])
+
+
+def test_ort_engine_at_official_crop_sizes_equals_the_reference(tiny_export, torch_engines):
+    """One exported bucket graph (1024) at x1 sizes that are multiples of 8 but not of 16 or 32, and
+    at a multiple of 32, without re-export: equal to the reference model called at that size."""
+    ort_eng = Engine(tiny_export, backend="ort", task="superres")
+    ref = torch_engines("superres")
+    for i, (b, h, w) in enumerate(OFFICIAL_CROP_SIZES + [(1, 64, 96)]):
+        x, wplus = engine_inputs(ort_eng, b, h, w, seed=10 + i)
+        seeds = [i + 1, i + 2][:b]
+        y = ort_eng.synthesize_float(x, wplus, seed=seeds)
+        want = reference_call(ref, x, wplus, seed=seeds)
+        assert y.shape == want.shape == (b, 3, 4 * h, 4 * w)
+        assert_close_scaled(y, want, 1e-4)
 
 
 def test_engine_refuses_bad_artifacts(tiny_export, tmp_path):

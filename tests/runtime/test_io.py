@@ -91,27 +91,106 @@ def test_to_uint8_clamps_and_truncates():
     assert u[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255, 255, 127]
 
 
-def test_pad_reflect_and_crop():
+def test_pad_only_sides_not_multiple_of_8_reflect_and_crop():
     x = np.arange(40 * 50, dtype=np.int32).reshape(1, 40, 50) % 251
     x = np.stack([x] * 3, -1).astype(np.uint8)
     p = rio.pad_to_multiple(x)
-    assert p.shape == (1, 64, 64, 3)
+    assert p.shape == (1, 40, 56, 3)  # 40 is a multiple of 8: untouched; 50 -> 56
     np.testing.assert_array_equal(p[:, :40, :50], x)
-    np.testing.assert_array_equal(p[0, 40, :50], x[0, 38])  # reflect: row 40 mirrors row 38
-    np.testing.assert_array_equal(p[0, :40, 50], x[0, :, 48])
+    np.testing.assert_array_equal(p[0, :40, 50], x[0, :, 48])  # reflect: column 50 mirrors 48
+    np.testing.assert_array_equal(p[0, :40, 55], x[0, :, 43])
     assert rio.pad_to_multiple(p) is p
-    y = np.zeros((1, 3, 256, 256), np.float32)
+    for h, w in ((72, 88), (40, 56), (8, 8)):  # multiples of 8 (not of 16/32) reach the model as they are
+        a = np.zeros((2, h, w, 3), np.uint8)
+        assert rio.pad_to_multiple(a) is a
+    q = rio.pad_to_multiple(np.zeros((1, 33, 16), np.uint8))
+    assert q.shape == (1, 40, 16)
+    y = np.zeros((1, 3, 160, 224), np.float32)
     assert rio.crop_output(y, 40, 50).shape == (1, 3, 160, 200)
+    assert rio.crop_output(y, 40, 56) is y
 
 
-def test_centre_square_and_scale_resize():
+def test_centre_square_x2():
     img = np.zeros((100, 300, 3), np.uint8)
     img[:, 100:200] = 255  # the centre square is all white
     x2 = rio.centre_square_x2(img)
     assert x2.shape == (256, 256, 3) and x2.min() == 255
     assert rio.centre_square_x2(np.zeros((600, 400, 3), np.uint8)).shape == (256, 256, 3)
-    assert rio.resize_for_scale(np.zeros((10, 12, 3), np.uint8), 8).shape == (20, 24, 3)
-    assert rio.resize_for_scale(np.zeros((10, 12, 3), np.uint8), 4).shape == (10, 12, 3)
+
+
+def _photo(h, w, seed=0):
+    """A smooth random colour field with noise: structure at every scale, all 0..255 values."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, (6, 7, 3)).astype(np.float32)
+    img = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC) + rng.normal(0, 20, (h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_scale_resize_is_pil_bicubic_with_floor_sizes():
+    """spec 4.1 raw path: PIL resize to (w*rf//4, h*rf//4), bicubic, bit for bit."""
+    from PIL import Image
+
+    img = _photo(37, 45)
+    for scale, want in ((8, (74, 90)), (12, (111, 135)), (20, (185, 225))):
+        got = rio.resize_for_scale(img, scale)
+        assert got.shape == (*want, 3)
+        ref = np.asarray(Image.fromarray(img).resize((45 * scale // 4, 37 * scale // 4), Image.BICUBIC))
+        np.testing.assert_array_equal(got, ref)
+    assert rio.resize_for_scale(img, 4) is img
+    assert rio.resize_for_scale(np.zeros((10, 13, 3), np.uint8), 6).shape == (15, 19, 3)  # floor, not round
+
+
+def _official_bicubic_downsample(img: np.ndarray, factor: int) -> np.ndarray:
+    """spec 4.1 BicubicDownSample, written from the spec's words with torch (float64), independent of
+    runtime.io: kernel of 4*factor taps cubic((i - floor(size/2) + 0.5)/factor), a = -0.5, sum 1;
+    reflect padding 3*factor per axis (top/left = half, floored); stride factor; vertical pass, then
+    horizontal; clamp [0, 1]; x255 and truncation. Returns the float result before x255 too."""
+    import torch
+    import torch.nn.functional as F
+
+    size, a = 4 * factor, -0.5
+
+    def cubic(x):
+        x = abs(x)
+        if x <= 1:
+            return (a + 2) * x ** 3 - (a + 3) * x ** 2 + 1
+        if x < 2:
+            return a * x ** 3 - 5 * a * x ** 2 + 8 * a * x - 4 * a
+        return 0.0
+
+    k = torch.tensor([cubic((i - size // 2 + 0.5) / factor) for i in range(size)], dtype=torch.float64)
+    k = k / k.sum()
+    t = torch.from_numpy(img).double().permute(2, 0, 1)[:, None] / 255.0  # [3, 1, H, W]
+    pad = 3 * factor
+    t = F.pad(t, (0, 0, pad // 2, pad - pad // 2), mode="reflect")
+    t = F.conv2d(t, k.view(1, 1, size, 1), stride=(factor, 1))
+    t = F.pad(t, (pad // 2, pad - pad // 2, 0, 0), mode="reflect")
+    t = F.conv2d(t, k.view(1, 1, 1, size), stride=(1, factor))
+    f = t.clamp(0, 1)[:, 0].permute(1, 2, 0).numpy()
+    return (f * 255).astype(np.uint8), f * 255
+
+
+@pytest.mark.parametrize("scale", [4, 8, 32])
+def test_simulate_lr_is_the_official_bicubic_downsample_then_pil_bicubic(scale):
+    pytest.importorskip("torch")
+    from PIL import Image
+
+    factor = scale // 4
+    img = _photo(64, 72, seed=scale)
+    x1, lr = rio.simulate_lr(img, scale)
+    ref_u8, ref_f = _official_bicubic_downsample(img, factor)
+    assert lr.shape == ref_u8.shape == (64 // factor, 72 // factor, 3)
+    # float32 (sgex) against float64 (here) differs in the last bits: a value may truncate to the
+    # neighbour only where the float64 value is within 1e-3 of an integer
+    near = (np.abs(ref_f - np.round(ref_f)) < 1e-3) & (ref_f > 0) & (ref_f < 255)  # clamped ends are exact
+    np.testing.assert_array_equal(lr[~near], ref_u8[~near])
+    assert (np.abs(lr.astype(int) - ref_u8) <= 1).all() and (lr != ref_u8).mean() < 0.005
+    assert x1.shape == img.shape
+    np.testing.assert_array_equal(x1, np.asarray(Image.fromarray(lr).resize((72, 64), Image.BICUBIC)))
+    if factor == 1:  # not the identity: a 4-tap half-pixel shift
+        assert not np.array_equal(lr, img)
 
 
 def test_write_image_atomic_and_output_checks(tmp_path):

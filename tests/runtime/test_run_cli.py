@@ -90,6 +90,10 @@ def _bad_case(case: str, d: Path) -> tuple[list[str], Path]:
         return ["--task", "superres", "--backend", "ort", "--input", str(ok_in), "--output", str(out)], out
     if case == "scale_for_toonify":
         return ["--task", "toonify", "--random-weights", "--scale", "8", "--input", str(ok_in), "--output", str(out)], out
+    if case == "simulate_lr_for_toonify":
+        return ["--task", "toonify", "--random-weights", "--simulate-lr", "--input", str(ok_in), "--output", str(out)], out
+    if case == "simulate_lr_without_no_align":
+        return torch_sr + ["--simulate-lr", "--input", str(ok_in), "--output", str(out)], out
     if case == "missing_artifacts_dir":
         return ["--task", "superres", "--artifacts", str(d / "nowhere"), "--input", str(ok_in), "--output", str(out)], out
     raise AssertionError(case)
@@ -99,7 +103,7 @@ BAD_CASES = ["missing_input", "not_an_image", "empty_file", "grey_for_rgb_task",
              "unwritable_output", "output_is_a_directory", "output_dir_missing", "not_an_image_output",
              "video_no_frames", "video_junk", "video_to_image", "empty_folder", "folder_with_bad_image",
              "x2_wrong_size", "torch_without_checkpoint", "ort_without_artifacts", "scale_for_toonify",
-             "missing_artifacts_dir"]
+             "simulate_lr_for_toonify", "simulate_lr_without_no_align", "missing_artifacts_dir"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -126,7 +130,8 @@ def test_help_has_examples(capsys):
         main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for s in ("examples:", "--scale", "PIL bicubic", "centre square", "-scale", "--random-weights"):
+    for s in ("examples:", "--scale", "PIL bicubic", "centre square", "-scale", "--random-weights",
+              "--simulate-lr", "multiples of 8", "padded bottom/right to the next multiple of 8"):
         assert s in text
 
 
@@ -173,14 +178,14 @@ def test_random_weights_notice(tmp_path, caplog):
 
 
 def test_ort_cli_matches_torch_cli(tmp_path, tiny_superres_export, tiny_ckpt):
-    art = tiny_superres_export  # superres, bucket 32
+    art = tiny_superres_export  # superres, bucket 1024
     src = png(tmp_path / "in.png", (6, 7, 3), 3)
     common = ["--task", "superres", "--input", str(src), "--scale", "16", "--seed", "4", "--no-align"]  # x1 24x28
     assert main(common + ["--artifacts", str(art.parent), "--output", str(tmp_path / "ort.png")]) == 0
     assert main(common + ["--ckpt", tiny_ckpt("superres"), "--output", str(tmp_path / "pt.png")]) == 0
     a, b = rio.read_image(tmp_path / "ort.png"), rio.read_image(tmp_path / "pt.png")
     assert a.shape == (96, 112, 3)
-    # the CLI adds nothing to the engine: same pixels as Engine(ort).process on x1 = 4x bicubic input
+    # the CLI adds nothing to the engine: same pixels as Engine(ort).process on x1 = 4x PIL bicubic input
     from runtime.engine import Engine
 
     x1 = rio.resize_for_scale(rio.read_image(src), 16)
@@ -191,3 +196,33 @@ def test_ort_cli_matches_torch_cli(tmp_path, tiny_superres_export, tiny_ckpt):
     r = sgex_run("--task", "toonify", "--artifacts", str(art), "--no-align", "--input", str(src), "--output", str(tmp_path / "x.png"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not 'toonify'" in r.stderr, r.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_bucket_1024_gives_1024_from_256_and_refuses_264(tmp_path, tiny_superres_export):
+    """`sgex-export --task superres --res 1024` (the tiny_superres_export fixture): x1 256x256 ->
+    1024x1024; x1 264x264 is refused with one line naming the bucket that would hold it."""
+    art = tiny_superres_export
+    ok = png(tmp_path / "x256.png", (256, 256, 3), 5)
+    assert main(["--task", "superres", "--artifacts", str(art), "--no-align", "--input", str(ok), "--output",
+                 str(tmp_path / "o.png")]) == 0
+    assert rio.read_image(tmp_path / "o.png").shape == (1024, 1024, 3)
+    big = png(tmp_path / "x264.png", (264, 264, 3), 6)
+    r = sgex_run("--task", "superres", "--artifacts", str(art), "--no-align", "--input", str(big), "--output",
+                 str(tmp_path / "b.png"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "x1 264x264 does not fit" in lines[0] and "--res 1056" in lines[0], r.stderr
+    assert not (tmp_path / "b.png").exists()
+
+
+def test_simulate_lr_cli_is_the_official_demo_path(tmp_path, tiny_ckpt):
+    src = png(tmp_path / "hr.png", (48, 40, 3), 7)
+    out = tmp_path / "sr.png"
+    assert main(["--task", "superres", "--ckpt", tiny_ckpt("superres"), "--input", str(src), "--output", str(out),
+                 "--no-align", "--simulate-lr", "--scale", "16", "--seed", "2"]) == 0
+    from runtime.engine import Engine
+
+    x1, lr = rio.simulate_lr(rio.read_image(src), 16)
+    assert lr.shape == (12, 10, 3) and x1.shape == (48, 40, 3)
+    eng = Engine.from_checkpoint("superres", ckpt=tiny_ckpt("superres"))
+    np.testing.assert_array_equal(rio.read_image(out), eng.process(x1, seed=2))

@@ -523,7 +523,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
 
 
-def _export_and_build(tmp_path, tiny_ckpt, task, flavor, res=64, max_batch=2):
+def _export_and_build(tmp_path, tiny_ckpt, task, flavor, res=256, max_batch=2):
     from export.engine import build_engines
     from export.onnx import export_task
 
@@ -565,7 +565,7 @@ def test_trt_engine_matches_onnxruntime(tmp_path, tiny_ckpt, task, flavor):
             x2 = rng.integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
             w_trt, w_ort = e_trt.compute_style(x2), e_ort.compute_style(x2)
             assert np.linalg.norm(w_trt - w_ort) <= 1e-2 * np.linalg.norm(w_ort)
-            x1 = rng.integers(0, 256, (2, 56, 40, 3), dtype=np.uint8)  # padded to 64x64 inside
+            x1 = rng.integers(0, 256, (2, 56, 40, 3), dtype=np.uint8)  # multiples of 8: no padding
             y_trt, y_ort = e_trt.synthesize_float(x1, w_ort, seed=3), e_ort.synthesize_float(x1, w_ort, seed=3)
     assert y_trt.shape == y_ort.shape == (2, 3, 224, 160)
     assert _psnr(y_trt, y_ort) >= TRT_PSNR_DB
@@ -582,7 +582,7 @@ def test_trt_cuda_graph_replay_equals_plain_run(tmp_path, tiny_ckpt):
               **make_random_inputs(s, 1, h, w, noise=True)} for s, (h, w) in enumerate([(64, 32), (32, 64), (64, 32)])]
     with tb.TrtBackend(task_dir, m, "cuda") as plain, tb.TrtBackend(task_dir, m, "cuda", cuda_graphs=True) as graphs:
         for f in feeds + feeds:  # the second pass replays the captured graphs
-            np.testing.assert_array_equal(graphs.run("synth@64", f)["y"], plain.run("synth@64", f)["y"])
+            np.testing.assert_array_equal(graphs.run("synth@256", f)["y"], plain.run("synth@256", f)["y"])
 
 
 @pytest.mark.trt
@@ -590,7 +590,7 @@ def test_trt_refuses_engine_of_another_gpu(tmp_path, tiny_ckpt):
     from runtime.engine import Engine
 
     task_dir, m, _ = _export_and_build(tmp_path, tiny_ckpt, "inversion", "portable")
-    m.engines["synth@64"]["gpu"] = "Some Other GPU"
+    m.engines["synth@256"]["gpu"] = "Some Other GPU"
     m.save(task_dir)
     with pytest.raises(SgexError, match="built for Some Other GPU .* sgex-export"):
         Engine(task_dir, backend="trt", device="cuda")

@@ -49,7 +49,7 @@ class Upsample4(Backend):
 def fake_engine(task="toonify"):
     spec = get_task(task)
     eng = Engine.__new__(Engine)
-    eng._setup(spec, spec.default_variant.name, 8, Upsample4(), manifest=None, buckets=[Bucket(64, 2)],
+    eng._setup(spec, spec.default_variant.name, 8, Upsample4(), manifest=None, buckets=[Bucket(256, 2)],
                inputs=_default_inputs(spec), editing_w=None, artifacts_dir=None)
     return eng
 

@@ -321,10 +321,10 @@ def _shown(allowed) -> str:
 def _check_manifest(args, spec):
     """What the artifacts' manifest decides, checked before any input is searched for faces and
     before a model loads: the variant, the TensorRT engines for --backend trt, --scale."""
-    from runtime.engine import task_dir
+    from runtime.engine import _task_dir
     from runtime.manifest import Manifest
 
-    d = task_dir(args.artifacts, args.task)
+    d = _task_dir(args.artifacts, args.task)
     m = Manifest.load(d, task=args.task)
     if args.variant is not None and m.variant != args.variant:
         raise SgexError(f"{args.artifacts}: artifacts of variant {m.variant!r}, not {args.variant!r}")

@@ -99,7 +99,7 @@ def make_random_inputs(seed: int | Sequence[int], batch: int, height: int, width
     return out
 
 
-def task_dir(artifacts_dir, task: str | None) -> Path:
+def _task_dir(artifacts_dir, task: str | None) -> Path:
     """Accept the task directory itself or the export root holding <task>/manifest.json."""
     d = Path(artifacts_dir)
     if not d.is_dir():
@@ -136,7 +136,7 @@ class Engine:
             raise SgexError(f"artifacts_dir must be a path, got {type(artifacts_dir).__name__}")
         if device is not None and not isinstance(device, str):
             raise SgexError(f"device must be None, 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-        d = task_dir(artifacts_dir, task)
+        d = _task_dir(artifacts_dir, task)
         manifest = Manifest.load(d, task=task)
         manifest.verify(d)
         spec = get_task(manifest.task)

@@ -71,7 +71,7 @@ def listing(d: Path) -> list[str]:
 
 @pytest.fixture
 def artifacts(tmp_path, tiny_superres_export):
-    """A private copy of the tiny superres export (bucket 32, max batch 2) that a test may damage."""
+    """A private copy of the tiny superres export (bucket 1024: x1 up to 256, max batch 2) that a test may damage."""
     d = tmp_path / "art" / "superres"
     shutil.copytree(tiny_superres_export, d)
     return d
@@ -147,7 +147,7 @@ def test_01_disk_full_real_filesystem_cli(tmp_path, tiny_fs):
 def test_03_folder_bucket_misfit_refused_before_any_result(tmp_path, artifacts):
     (tmp_path / "in").mkdir()
     png(tmp_path / "in" / "a.png", (16, 16, 3))
-    png(tmp_path / "in" / "b.png", (40, 40, 3))  # larger than the 32 bucket
+    png(tmp_path / "in" / "b.png", (264, 264, 3))  # x1 larger than the 1024 bucket holds (256)
     out = tmp_path / "out"
     out.mkdir()
     (out / "a.png").write_bytes(b"existing a")
@@ -270,7 +270,7 @@ def test_06_graph_changed_after_verify_is_not_run(artifacts):
     from runtime.engine import Engine
 
     eng = Engine(artifacts, backend="ort")  # every hash checked here
-    p = artifacts / "32" / "synth.onnx"
+    p = artifacts / "1024" / "synth.onnx"
     b = bytearray(p.read_bytes())
     b[len(b) // 2] ^= 0x01
     p.write_bytes(bytes(b))
@@ -285,11 +285,11 @@ def test_06_graph_changed_after_verify_is_not_run(artifacts):
     (lambda d: d.update(task="toonify", variant="pixar"), "noise 'explicit' does not fit task 'toonify'"),
     (lambda d: d.update(task="edit", variant="age", noise="zero"), r"inputs are \['x1', 'wplus', 'noise_0'"),
     (lambda d: d.update(task="inversion", variant="inversion"), None),  # same graph I/O: allowed, see below
-    (lambda d: d["graphs"]["synth@32"]["inputs"][0].update(name="x"), r"inputs are \['x', 'wplus'"),
-    (lambda d: d["graphs"]["synth@32"]["inputs"][0].update(shape=["batch", 19, "height", "width"]),
+    (lambda d: d["graphs"]["synth@1024"]["inputs"][0].update(name="x"), r"inputs are \['x', 'wplus'"),
+    (lambda d: d["graphs"]["synth@1024"]["inputs"][0].update(shape=["batch", 19, "height", "width"]),
      r"x1: shape \['batch', 19, 'height', 'width'\] does not fit"),
     (lambda d: d["graphs"]["style"]["outputs"][0].update(shape=["batch", 18, 512]), "wplus: shape"),
-    (lambda d: d["graphs"].update({"translate@32": d["graphs"].pop("synth@32")}), "has no such graph"),
+    (lambda d: d["graphs"].update({"translate@1024": d["graphs"].pop("synth@1024")}), "has no such graph"),
     (lambda d: d.update(style_dim=100), "style_dim 100"),
 ])
 def test_07_manifest_checked_against_the_task_table(artifacts, change, match):
@@ -317,10 +317,10 @@ def test_07_cli_refuses_manifest_of_another_task(tmp_path, artifacts):
     (lambda d: d.update(files=[]), "files must be dict, got list"),
     (lambda d: d["graphs"]["style"].update(file=7), "graphs['style'].file must be str, got int"),
     (lambda d: d["graphs"]["style"].update(inputs="x2"), "graphs['style'].inputs must be list, got str"),
-    (lambda d: d["graphs"]["synth@32"]["bucket"].update(side="abc"), "bucket.side must be int, got str"),
-    (lambda d: d["graphs"]["synth@32"]["bucket"].update(side=100), "bucket.side is 100, but the key says 32"),
-    (lambda d: d["graphs"].update({"synth@100": {**d["graphs"].pop("synth@32"), "bucket": {"side": 100, "max_batch": 2}}}),
-     "the bucket side must be a multiple of 32"),
+    (lambda d: d["graphs"]["synth@1024"]["bucket"].update(side="abc"), "bucket.side must be int, got str"),
+    (lambda d: d["graphs"]["synth@1024"]["bucket"].update(side=100), "bucket.side is 100, but the key says 1024"),
+    (lambda d: d["graphs"].update({"synth@100": {**d["graphs"].pop("synth@1024"), "bucket": {"side": 100, "max_batch": 2}}}),
+     "the bucket side is the output side: a multiple of 32"),
     (lambda d: d.update(style_dim="128"), "style_dim must be int, got str"),
     (lambda d: d.update(style_dim=True), "style_dim must be int, got bool"),
     (lambda d: d["checkpoint"].update(random="yes"), "checkpoint.random must be bool, got str"),
@@ -431,7 +431,7 @@ def test_12_longest_output_name_cli(tmp_path):
 @pytest.mark.parametrize("case", ["bucket_too_small", "scale_0", "scale_7", "scale_-4", "scale_sr32_only",
                                   "seed_-1", "trt_without_engines", "device_typo"])
 def test_13_late_errors_come_first_and_alone(tmp_path, artifacts, case):
-    src = png(tmp_path / "in.png", (40, 40, 3) if case == "bucket_too_small" else (8, 8, 3))
+    src = png(tmp_path / "in.png", (264, 264, 3) if case == "bucket_too_small" else (8, 8, 3))
     extra = {"bucket_too_small": [], "scale_0": ["--scale", "0"], "scale_7": ["--scale", "7"],
              "scale_-4": ["--scale=-4"], "scale_sr32_only": ["--scale", "8", "--variant", "sr32"],
              "seed_-1": ["--seed=-1"], "trt_without_engines": ["--backend", "trt"],

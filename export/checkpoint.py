@@ -29,7 +29,7 @@ import torch
 from export.networks import (BatchNorm, EqualLinear, FusionLayer, ModelConfig, ModulatedConv2d, N_LATENT, StyleGANEX,
                              blur3_kernel, blur4_kernel)
 from runtime.errors import SgexError
-from runtime.tasks import TASKS, get_task
+from runtime.tasks import TASKS, WIDTH_DIVS, get_task
 
 __all__ = [
     "LoadedCheckpoint",
@@ -187,7 +187,7 @@ def infer_config(shapes: dict[str, tuple]) -> tuple[ModelConfig, str, str]:
     if key not in shapes:
         raise SgexError(f"not a StyleGANEX state_dict: no {key}")
     dim = int(shapes[key][0])
-    if dim <= 0 or 512 % dim or 512 // dim not in (1, 2, 4):
+    if dim <= 0 or 512 % dim or 512 // dim not in WIDTH_DIVS:
         raise SgexError(f"unsupported style dim {dim} in {key} (expected 512, or 128/256 for tiny test models)")
     fusion = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.fusion\.(\d+)\.", k))})
     if fusion != list(range(len(fusion))) or len(fusion) > 7:

@@ -13,12 +13,14 @@ from pathlib import Path
 
 from export.engine import add_engine_args, maybe_build  # tensorrt is imported only when building
 from export.onnx import DEFAULT_OPSET  # export.onnx imports torch/onnx only inside functions
-from runtime._cli import run_main, setup_logging
-from runtime.buckets import DEFAULT_MAX_BATCH
-from runtime.errors import SgexError
+from runtime._cli import Parser, run_main, setup_logging
+from runtime.buckets import DEFAULT_MAX_BATCH, MAX_SIDE, check_side
+from runtime.errors import SgexError, require
 from runtime.tasks import TASKS
 
 PROG = "sgex-export"
+EXPORT_NEEDS = (("torch", "torch", "PyTorch"), ("onnx", "onnx", "ONNX"),
+                ("onnxscript", "onnx", "onnxscript (the dynamo ONNX exporter)"))
 
 EPILOG = f"""\
 examples:
@@ -47,20 +49,12 @@ multiples of 8 from 8 up to --res/4, at exactly that size (output 4x). Default l
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line (prog: error: ...), exit 2, like every other sgex user error."""
-
-    def error(self, message):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1], epilog=EPILOG,
+    p = Parser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1], epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, metavar="TASK", help=f"one of: {', '.join(TASKS)}")
     p.add_argument("--res", type=int, required=True, metavar="N",
-                   help="bucket: the largest OUTPUT side, a multiple of 32 (x1 up to N/4), "
+                   help=f"bucket: the largest OUTPUT side, a multiple of 32 (x1 up to N/4), up to {MAX_SIDE}, "
                         "e.g. 512, 1024, 2048")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ckpt", metavar="FILE", help="official StyleGANEX checkpoint (.pt)")
@@ -90,11 +84,29 @@ def run(args: argparse.Namespace) -> Path:
         raise SgexError(f"unknown task {args.task!r} (choose from: {', '.join(TASKS)})")
     if not args.ckpt and not args.random_weights:
         raise SgexError("give --ckpt FILE (an official checkpoint) or --random-weights")
+    try:
+        check_side(args.res)
+    except ValueError as e:
+        raise SgexError(str(e)) from None
+    if args.seed < 0:
+        raise SgexError(f"--seed must be an integer >= 0, got {args.seed}")
+    for module, extra, what in EXPORT_NEEDS:  # one line naming the extra, not an ImportError
+        require(module, extra, what)
+    if getattr(args, "engine", False):  # before minutes of ONNX export, not after
+        from runtime.backends.trt import import_tensorrt
+
+        import_tensorrt()
+    from export.onnx import check_args, export_task
+
+    check_args(args.task, args.res, args.precision, args.flavor, args.max_batch, args.opset, args.ckpt,
+               args.random_weights, args.variant)
+    if args.plan is not None and args.precision != "fp16":
+        raise SgexError("--plan only applies to --precision fp16")
+    if args.plan is not None and not Path(args.plan).is_file():
+        raise SgexError(f"--plan {args.plan}: the file does not exist")
     if args.random_weights:
         print(f"{PROG}: WARNING: --random-weights: exporting RANDOM weights (seed {args.seed}); every "
               f"output of these graphs is noise", file=sys.stderr)
-    from export.onnx import export_task
-
     path = export_task(
         args.task, args.res, ckpt=args.ckpt, random_weights=args.random_weights, out=args.out,
         precision=args.precision, plan=args.plan, flavor=args.flavor, max_batch=args.max_batch,

@@ -37,7 +37,7 @@ from kernels.modconv import (
     modulated_conv2d,
     transposed_to_conv_weight,
 )
-from runtime.tasks import INJECT_ROWS, INJECT_SCALE, N_LATENT, N_NOISE
+from runtime.tasks import INJECT_ROWS, INJECT_SCALE, N_LATENT, N_NOISE, WIDTH_DIVS
 
 __all__ = [
     "ModelConfig",
@@ -93,8 +93,8 @@ class ModelConfig:
         if self.label_nc not in (0, 1, 19):
             raise ValueError(f"label_nc must be 0, 1 or 19, got {self.label_nc}")
         # SE reduction 16 needs >= 16 channels at depth 64: width_div <= 4.
-        if self.width_div not in (1, 2, 4):
-            raise ValueError(f"width_div must be 1, 2 or 4, got {self.width_div}")
+        if self.width_div not in WIDTH_DIVS:
+            raise ValueError(f"width_div must be one of {WIDTH_DIVS}, got {self.width_div}")
 
     @property
     def style_dim(self) -> int:

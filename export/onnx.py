@@ -469,7 +469,9 @@ def _versions(opset: int) -> dict:
             "opset": opset, "ir_version": IR_VERSION, "onnxscript": ver("onnxscript")}
 
 
-def _check_args(task, res, precision, flavor, max_batch, opset, ckpt, random_weights):
+def check_args(task, res, precision, flavor, max_batch, opset, ckpt, random_weights, variant=None):
+    """The arguments of export_task that need no checkpoint, checked in one place (SgexError);
+    returns the task. sgex-export calls it before it prints anything."""
     from runtime.buckets import check_side
 
     t = _get_task_or_error(task)
@@ -491,6 +493,8 @@ def _check_args(task, res, precision, flavor, max_batch, opset, ckpt, random_wei
                         f"got {opset}")
     if bool(ckpt) == bool(random_weights):
         raise SgexError("give exactly one of --ckpt FILE or --random-weights")
+    if variant is not None:
+        t.variant(variant)  # UnknownName naming the variants
     return t
 
 
@@ -536,7 +540,7 @@ def export_task(task: str, res: int, *, ckpt: str | os.PathLike | None = None, r
     width_div: channel divisor of random weights (tests; real checkpoints carry their own size).
     Returns the path of manifest.json. Nothing is left behind when it raises.
     """
-    t = _check_args(task, res, precision, flavor, max_batch, opset, ckpt, random_weights)
+    t = check_args(task, res, precision, flavor, max_batch, opset, ckpt, random_weights, variant)
     from export.fp16 import default_plan, load_plan, validate_plan
 
     if precision == "fp16":

@@ -27,6 +27,10 @@ DEFAULT_LADDER = (512, 1024, 1536, 2048)
 DEFAULT_MAX_BATCH = 4
 MIN_SIDE = SIZE_MULTIPLE  # smallest x1 side every graph accepts (8: f is 1x1; checked by tests/export)
 MIN_RES = MIN_SIDE * OUTPUT_SCALE
+# The largest bucket (output side 4096, x1 1024). Its output layers hold 32 x 4096 x 4096 float32
+# activations (2 GiB each), at the limit of a 16-32 GiB machine; beyond it an export would run
+# out of memory or disk part-way.
+MAX_SIDE = 4096
 
 
 @dataclass(frozen=True)
@@ -72,13 +76,16 @@ class Bucket:
         return {"min": (1, a, a), "opt": (opt_batch, a, a), "max": (self.max_batch, a, a)}
 
 
-def check_side(side: int) -> int:
-    """A valid bucket (output) side, or ValueError naming the rule."""
+def check_side(side: int, what: str = "--res") -> int:
+    """A valid bucket (output) side, or ValueError naming the rule and `what`."""
     if not isinstance(side, int) or isinstance(side, bool) or side < MIN_RES or side % RES_MULTIPLE:
         raise ValueError(
-            f"--res is the output side: a multiple of {RES_MULTIPLE} and at least {MIN_RES} "
+            f"{what} is the output side: a multiple of {RES_MULTIPLE} and at least {MIN_RES} "
             f"(x1 = res/{OUTPUT_SCALE}, a multiple of {SIZE_MULTIPLE}), got {side}"
         )
+    if side > MAX_SIDE:
+        raise ValueError(f"{what} must be at most {MAX_SIDE} (output {MAX_SIDE}x{MAX_SIDE}, x1 "
+                         f"{MAX_SIDE // OUTPUT_SCALE}: the largest bucket sgex exports), got {side}")
     return side
 
 

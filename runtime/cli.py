@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import math
+import re
 from pathlib import Path
 
-from runtime._cli import run_main, setup_logging
+from runtime._cli import Parser, run_main, setup_logging
 from runtime.errors import SgexError
-from runtime.tasks import TASKS, get_task
+from runtime.tasks import TASKS, WIDTH_DIVS, get_task
 from runtime.video import DEFAULT_CRF
 
 log = logging.getLogger("sgex-run")
@@ -68,8 +69,8 @@ notes:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1],
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1],
+               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=list(TASKS), help="what to run")
     p.add_argument("--input", required=True, metavar="PATH",
                    help="an image, a folder of images, or a video (mp4/avi/mov/mkv/webm/...)")
@@ -91,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--ckpt", metavar="FILE", help="official checkpoint for the torch backend")
     src.add_argument("--random-weights", action="store_true",
                      help="torch backend with random official-format weights (the output is noise)")
-    p.add_argument("--width-div", type=int, default=1, metavar="N",
-                   help="with --random-weights: divide every channel count by N (tiny demo models)")
+    p.add_argument("--width-div", type=int, default=1, choices=WIDTH_DIVS, metavar="N",
+                   help=f"with --random-weights: divide every channel count by N, one of "
+                        f"{', '.join(map(str, WIDTH_DIVS))} (tiny demo models; default 1)")
     p.add_argument("--variant", help="checkpoint variant (superres: sr|sr32; edit: hair|age; "
                                      "toonify: cartoon|arcane|pixar); checked against the artifacts/checkpoint")
     p.add_argument("--scale", type=int, metavar="S",
@@ -104,10 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default --scale 32 then, the official resize_factor)")
     p.add_argument("--x2", metavar="ALIGNED_PNG",
                    help="aligned 256x256 face for the style code (RGB tasks; default: centre square of x1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise maps and of z (default 0)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of the noise maps and of z, an integer >= 0 (default 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when the backend finds one, logged)")
     p.add_argument("--edit-scale", type=float, metavar="F",
-                   help="edit only: editing_w x F (default +1.0 as video_editing.py; the web UI uses -F)")
+                   help="edit only: editing_w x F, a finite number (default +1.0 as video_editing.py; "
+                        "the web UI uses -F)")
     v = p.add_argument_group("video (PyAV, extra 'video'; without it OpenCV writes mp4v and drops the audio)")
     v.add_argument("--batch", type=int, default=1, metavar="N",
                    help="frames per engine call (default 1); decode and encode run in their own threads")
@@ -145,9 +149,6 @@ def _add_face_flags(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    # FFmpeg prints container errors (e.g. "moov atom not found") straight to fd 2; a bad input
-    # must produce exactly one line, ours.
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     return run_main(PROG, lambda: run(args))
 
 
@@ -196,10 +197,20 @@ def _check_task_flags(args, spec) -> None:
         spec.variant(args.variant)
     if args.width_div != 1 and not args.random_weights:
         raise SgexError("--width-div applies to --random-weights only")
-    if args.width_div < 1:
-        raise SgexError(f"--width-div must be >= 1, got {args.width_div}")
     if args.batch < 1:
         raise SgexError(f"--batch must be >= 1, got {args.batch}")
+    if args.seed < 0:
+        raise SgexError(f"--seed must be an integer >= 0 (a numpy seed), got {args.seed}")
+    if args.edit_scale is not None and not math.isfinite(args.edit_scale):
+        raise SgexError(f"--edit-scale must be a finite number, got {args.edit_scale}")
+    if args.device is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        raise SgexError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.scale is not None:
+        variants = [spec.variant(args.variant)] if args.variant or args.random_weights else spec.variants
+        allowed = sorted({s for v in variants for s in v.scales})
+        if args.scale not in allowed:
+            which = f" variant {variants[0].name}" if len(variants) == 1 else ""
+            raise SgexError(f"--scale {args.scale} is not available for superres{which} ({_shown(allowed)})")
 
 
 def _input_kind(path: Path) -> str:
@@ -229,6 +240,8 @@ def run(args) -> int:
         raise SgexError("--batch, --crf and --codec apply to a video input only")
     x2 = rio.read_x2(args.x2) if args.x2 else None
     face_opts = _face_options(args, spec, kind, x2)
+    if source == "artifacts":
+        _check_manifest(args, spec)
     reader = image = files = encoding = None
     selected: dict = {}
     sizes = []  # (name, height, width) of every whole-image input, for the bucket check
@@ -288,13 +301,10 @@ def run(args) -> int:
 def _engine(args, source: str):
     from runtime.engine import Engine
 
-    if source == "artifacts":
-        engine = Engine(args.artifacts, backend=args.backend, device=args.device, task=args.task,
-                        precision=args.precision, intra_op_threads=args.threads,
-                        force_precision=args.force_precision)
-        if args.variant is not None and engine.variant != args.variant:
-            raise SgexError(f"{args.artifacts}: artifacts of variant {engine.variant!r}, not {args.variant!r}")
-        return engine
+    if source == "artifacts":  # the variant was checked by _check_manifest
+        return Engine(args.artifacts, backend=args.backend, device=args.device, task=args.task,
+                      precision=args.precision, intra_op_threads=args.threads,
+                      force_precision=args.force_precision)
     if args.precision or args.threads or args.force_precision:
         raise SgexError("--precision/--threads/--force-precision apply to --backend openvino on --artifacts")
     engine = Engine.from_checkpoint(args.task, ckpt=args.ckpt, random_weights=args.random_weights,
@@ -302,6 +312,36 @@ def _engine(args, source: str):
     if args.backend == "auto":  # logged once the engine exists, so a refused input stays one line
         log.info("backend auto -> torch (a checkpoint was given, not --artifacts)")
     return engine
+
+
+def _shown(allowed) -> str:
+    return f"{allowed[0]}..{allowed[-1]} step 4" if len(allowed) > 1 else str(allowed[0])
+
+
+def _check_manifest(args, spec):
+    """What the artifacts' manifest decides, checked before any input is searched for faces and
+    before a model loads: the variant, the TensorRT engines for --backend trt, --scale."""
+    from runtime.engine import _task_dir
+    from runtime.manifest import Manifest
+
+    d = _task_dir(args.artifacts, args.task)
+    m = Manifest.load(d, task=args.task)
+    if args.variant is not None and m.variant != args.variant:
+        raise SgexError(f"{args.artifacts}: artifacts of variant {m.variant!r}, not {args.variant!r}")
+    if args.backend == "trt":
+        if not m.engines:
+            raise SgexError(f"{d}: the manifest lists no TensorRT engines (build them with sgex-export "
+                            f"... --engine, or use --backend ort)")
+        from runtime.backends.trt import import_cudart, import_tensorrt
+
+        import_tensorrt()
+        import_cudart()
+    if spec.name == "superres" and args.scale is not None:
+        allowed = spec.variant(m.variant).scales
+        if args.scale not in allowed:
+            raise SgexError(f"--scale {args.scale} is not available for superres variant {m.variant} "
+                            f"({_shown(allowed)})")
+    return m
 
 
 def _check_buckets(args, spec, sizes) -> None:
@@ -338,8 +378,7 @@ def _scale(args, spec, variant: str, quiet: bool = False) -> int | None:
     else:
         scale = args.scale
     if scale not in allowed:
-        shown = f"{allowed[0]}..{allowed[-1]} step 4" if len(allowed) > 1 else str(allowed[0])
-        raise SgexError(f"--scale {scale} is not available for superres variant {variant} ({shown})")
+        raise SgexError(f"--scale {scale} is not available for superres variant {variant} ({_shown(allowed)})")
     return scale
 
 
@@ -432,14 +471,14 @@ def _run_faces(engine, opts, kind, inp, out, image, files, reader, selected, sca
         from runtime import io as rio
         from runtime.video import Progress
 
-        out.mkdir(exist_ok=True)
         bar = Progress(len(files), "images")
         try:
-            for f in files:
-                img = rio.task_image(rio.read_image(f), engine.spec, str(f))
-                res = pipeline.process_photo(engine, img, opts, what=str(f), selected=selected[f], **common)
-                _write_photo(res, out / f.name, opts.paste_back)
-                bar.update()
+            with rio.staged_folder(out) as stage:  # all results, or none
+                for f in files:
+                    img = rio.task_image(rio.read_image(f), engine.spec, str(f))
+                    res = pipeline.process_photo(engine, img, opts, what=str(f), selected=selected[f], **common)
+                    _write_photo(res, stage / f.name, opts.paste_back)
+                    bar.update()
         finally:
             bar.close()
         log.info("wrote %d images to %s", len(files), out)
@@ -454,16 +493,17 @@ def _run_faces(engine, opts, kind, inp, out, image, files, reader, selected, sca
 
 
 def _run_folder(engine, files, out: Path, prep, opts) -> None:
+    """Every result is staged and moved into `out` only when all succeeded (io.staged_folder)."""
     from runtime import io as rio
     from runtime.video import Progress
 
-    out.mkdir(exist_ok=True)
     bar = Progress(len(files), "images")
     try:
-        for f in files:
-            img = rio.task_image(rio.read_image(f), engine.spec, str(f))
-            rio.write_image(out / f.name, engine.process(prep(img), **opts))
-            bar.update()
+        with rio.staged_folder(out) as stage:
+            for f in files:
+                img = rio.task_image(rio.read_image(f), engine.spec, str(f))
+                rio.write_image(stage / f.name, engine.process(prep(img), **opts))
+                bar.update()
     finally:
         bar.close()
     log.info("wrote %d images to %s", len(files), out)

@@ -28,8 +28,10 @@ applies -scale instead (spec 8.14), so a web-UI slider value s is edit_scale = -
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
+import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -40,7 +42,7 @@ from runtime.backends.base import Backend
 from runtime.buckets import Bucket, pick, res_for
 from runtime.errors import SgexError, require
 from runtime.manifest import MANIFEST_NAME, Manifest, graph_key
-from runtime.tasks import N_LATENT, N_NOISE, Task, get_task, noise_shapes
+from runtime.tasks import N_LATENT, N_NOISE, WIDTH_DIVS, Task, get_task, noise_shapes
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +53,30 @@ def noise_names() -> list[str]:
     return [f"noise_{j}" for j in range(N_NOISE)]
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def _seeds(seed: int | Sequence[int], batch: int) -> list[int]:
-    if isinstance(seed, (int, np.integer)):
-        return [int(seed)] * batch
-    seeds = [int(s) for s in seed]
+    """One seed per sample: an int >= 0 for all, or a sequence of `batch` of them."""
+    if _is_int(seed):
+        seeds = [int(seed)] * batch
+    elif isinstance(seed, (list, tuple, np.ndarray)) and all(_is_int(s) for s in seed):
+        seeds = [int(s) for s in seed]
+    else:
+        raise SgexError(f"seed must be an integer >= 0 or a list of them, got {type(seed).__name__} {seed!r}")
+    if any(s < 0 for s in seeds):
+        raise SgexError(f"seed must be >= 0 (a numpy seed), got {min(seeds)}")
     if len(seeds) != batch:
         raise SgexError(f"seed: got {len(seeds)} seeds for a batch of {batch}")
     return seeds
+
+
+def _edit_scale(edit_scale) -> np.float32:
+    if not isinstance(edit_scale, (int, float, np.integer, np.floating)) or isinstance(edit_scale, bool) \
+            or not np.isfinite(edit_scale):
+        raise SgexError(f"edit_scale must be a finite number, got {edit_scale!r}")
+    return np.float32(edit_scale)
 
 
 def make_random_inputs(seed: int | Sequence[int], batch: int, height: int, width: int, *,
@@ -113,19 +132,23 @@ class Engine:
         without a passing accuracy gate) are the openvino backend's, see runtime/backends/openvino.py."""
         from runtime import backends
 
+        if not isinstance(artifacts_dir, (str, os.PathLike)):
+            raise SgexError(f"artifacts_dir must be a path, got {type(artifacts_dir).__name__}")
+        if device is not None and not isinstance(device, str):
+            raise SgexError(f"device must be None, 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         d = _task_dir(artifacts_dir, task)
         manifest = Manifest.load(d, task=task)
         manifest.verify(d)
-        if (manifest.checkpoint or {}).get("random"):
-            log.warning("%s was exported from RANDOM weights (seed %s): outputs are noise; export "
-                        "with --ckpt for real results", d, manifest.checkpoint.get("seed"))
         spec = get_task(manifest.task)
         editing_w = None
         if spec.editing:
-            path = d / "editing_w.npy"
             if "editing_w.npy" not in manifest.files:
                 raise SgexError(f"{d}: the edit export lacks editing_w.npy in its manifest")
-            editing_w = np.load(path, allow_pickle=False)
+            data = manifest.read_verified(d, "editing_w.npy", kind="file")
+            try:
+                editing_w = np.load(io.BytesIO(data), allow_pickle=False)
+            except ValueError as e:
+                raise SgexError(f"{d / 'editing_w.npy'}: not a numpy array file ({e})") from None
         graph = spec.graphs[-1]
         inputs = None
         for key, g in manifest.graphs.items():
@@ -136,6 +159,9 @@ class Engine:
             raise SgexError(f"{d}: the manifest has no {graph!r} graph for any bucket")
         be = backends.create(backend, d, manifest, device, intra_op_threads=intra_op_threads,
                              precision=precision, force_precision=force_precision)
+        if manifest.checkpoint.get("random"):  # after every check that can refuse the directory
+            log.warning("%s was exported from RANDOM weights (seed %s): outputs are noise; export "
+                        "with --ckpt for real results", d, manifest.checkpoint.get("seed"))
         self._setup(spec, manifest.variant, manifest.style_dim, be, manifest=manifest,
                     buckets=manifest.buckets(), inputs=inputs, editing_w=editing_w, artifacts_dir=d)
 
@@ -150,14 +176,21 @@ class Engine:
         require("torch", "torch", "PyTorch")
         from export.checkpoint import build_model, load_or_random
 
-        from runtime.backends.torch_backend import TorchBackend
+        from runtime.backends.torch_backend import TorchBackend, resolve_device
 
         spec = get_task(task)
+        if ckpt is not None and not isinstance(ckpt, (str, os.PathLike)):
+            raise SgexError(f"ckpt must be a path, got {type(ckpt).__name__}")
+        if not _is_int(seed) or seed < 0:
+            raise SgexError(f"seed (of the random weights) must be an integer >= 0, got {seed!r}")
+        if width_div not in WIDTH_DIVS or not _is_int(width_div):
+            raise SgexError(f"width_div must be one of {', '.join(map(str, WIDTH_DIVS))}, got {width_div!r}")
+        if device is not None and not isinstance(device, str):
+            raise SgexError(f"device must be None, 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         if variant is not None:
-            try:
-                spec.variant(variant)
-            except KeyError as e:
-                raise SgexError(str(e.args[0])) from None
+            spec.variant(variant)  # UnknownName (an SgexError) naming the variants
+        if device is not None:
+            resolve_device(device)  # a missing CUDA device is refused before the weights load
         loaded = load_or_random(task, ckpt, random_weights, seed=seed, width_div=width_div,
                                 variant=variant if random_weights else None)
         if variant is not None and loaded.variant != variant:
@@ -262,8 +295,9 @@ class Engine:
         key, max_batch = self.route(h, w)
         xp = rio.pad_to_multiple(x1)
         feeds = {"x1": rio.rgb_to_model(xp), "wplus": self._check_wplus(wplus, b)}
+        scale = _edit_scale(edit_scale)
         if "editing_w" in self._inputs:
-            ew = self.editing_w * np.float32(edit_scale)
+            ew = self.editing_w * scale
             feeds["editing_w"] = np.ascontiguousarray(np.broadcast_to(ew, (b,) + ew.shape[1:]))
         if self._noise:
             feeds.update(self._random_inputs(seed, b, xp.shape[1], xp.shape[2]))
@@ -327,6 +361,10 @@ class Engine:
         faces (runtime.pipeline.FaceOptions): the face pipeline instead of the whole frame (the
         first frame's crop and x2, or tracking; paste-back), see runtime.pipeline.process_video;
         `scale` is the superres S of its recipe."""
+        if not _is_int(batch_size) or batch_size < 1:
+            raise SgexError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        _seeds(seed, 1)
+        _edit_scale(edit_scale)
         if faces is not None:
             from runtime import pipeline
 
@@ -335,7 +373,10 @@ class Engine:
             yield from pipeline.process_video(self, frames, faces, scale=scale, seed=seed,
                                               edit_scale=edit_scale, batch_size=batch_size)
             return
-        it = iter(frames)
+        try:
+            it = iter(frames)
+        except TypeError:
+            raise SgexError(f"frames must be an iterable of images, got {type(frames).__name__}") from None
         first = next(it, None)
         if first is None:
             raise SgexError("the video has no frames")
@@ -378,10 +419,10 @@ class Engine:
         """make_random_inputs for this task, remembered for the last (seed, batch, size, z_dim):
         the frames of a clip share one draw instead of re-drawing the same maps per frame.
         Backends only read their feeds, so the arrays are shared, not copied."""
-        seed_key = int(seed) if isinstance(seed, (int, np.integer)) else tuple(int(s) for s in seed)
-        key = (seed_key, b, h, w, z_dim)
+        seeds = _seeds(seed, b)
+        key = (tuple(seeds), b, h, w, z_dim)
         if self._random_memo is None or self._random_memo[0] != key:
-            self._random_memo = (key, make_random_inputs(seed, b, h, w, noise=self._noise, z_dim=z_dim))
+            self._random_memo = (key, make_random_inputs(seeds, b, h, w, noise=self._noise, z_dim=z_dim))
         return self._random_memo[1]
 
     def describe(self) -> str:

@@ -5,6 +5,14 @@ class SgexError(Exception):
     """A user-facing error: bad input, bad artifact, missing optional dependency."""
 
 
+class UnknownName(SgexError, KeyError):
+    """A task, variant or other table name that does not exist. A KeyError too (table lookups),
+    printed as its plain message, not KeyError's quoted repr."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class MissingDependency(SgexError):
     """An optional library is not installed; the message says which extra installs it."""
 

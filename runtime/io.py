@@ -17,23 +17,26 @@ is exactly 4x the input.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from runtime.errors import SgexError
+from runtime.image_header import FORMATS, Header, read_header
 from runtime.tasks import ALIGNED_SIZE, N_MASK_CLASSES, OUTPUT_SCALE, SIZE_MULTIPLE, Task
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 VIDEO_EXTS = (".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv")
 
 __all__ = [
-    "IMAGE_EXTS", "VIDEO_EXTS", "is_image_path", "is_video_path", "check_input_file", "read_image",
-    "decode_image", "encode_image", "write_image",
-    "list_images", "check_output_path", "atomic_output", "task_image", "check_batch", "pad_to_multiple",
-    "rgb_to_model", "sketch_to_model", "mask_to_model", "to_uint8", "centre_square_x2",
+    "IMAGE_EXTS", "VIDEO_EXTS", "MAX_IMAGE_PIXELS", "is_image_path", "is_video_path", "check_input_file",
+    "image_header", "read_image", "decode_image", "encode_image", "write_image",
+    "list_images", "check_output_path", "atomic_output", "staged_folder", "write_all", "task_image", "check_batch",
+    "pad_to_multiple", "rgb_to_model", "sketch_to_model", "mask_to_model", "to_uint8", "centre_square_x2",
     "resize_for_scale", "check_x2", "check_input_file", "read_x2", "crop_output", "bicubic_downsample",
     "simulate_lr", "x1_size",
 ]
@@ -67,12 +70,44 @@ def check_input_file(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
+MAX_IMAGE_PIXELS = 1 << 26  # 67,108,864 pixels (8192 x 8192): 192 MiB decoded as RGB
+MAX_IMAGE_BYTES = 8 * MAX_IMAGE_PIXELS  # a file larger than this is refused before it is read
+
+
+def image_header(path: str | os.PathLike) -> Header:
+    """The format and size an image file declares in its header, checked against the limits
+    before a pixel is decoded: SgexError (one line) for a missing, empty, oversized or
+    unrecognised file, and for an image above MAX_IMAGE_PIXELS."""
+    p = check_input_file(path, "an image")
+    size = p.stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        raise SgexError(f"{p}: {size} bytes is larger than any image sgex reads (limit {MAX_IMAGE_BYTES} bytes)")
+    with open(p, "rb") as f:
+        head = read_header(f)
+    if head is None:
+        raise SgexError(f"{p}: not an image sgex can read ({', '.join(FORMATS)}), or its header is damaged")
+    if head.width < 1 or head.height < 1:
+        raise SgexError(f"{p}: the {head.format} header declares an empty image {head.width}x{head.height}")
+    if head.pixels > MAX_IMAGE_PIXELS:
+        raise SgexError(f"{p}: the {head.format} header declares {head.width}x{head.height} = {head.pixels} "
+                        f"pixels, above sgex's limit of {MAX_IMAGE_PIXELS} (8192x8192); nothing was decoded")
+    if head.bit_depth is not None and head.bit_depth > 8:
+        raise SgexError(f"{p}: {head.bit_depth}-bit samples; sgex reads 8-bit images")
+    return head
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode an 8-bit image file as stored: uint8 [H, W] (grey) or [H, W, 3] RGB or [H, W, 4] RGBA.
 
-    SgexError (one line) for a missing, empty, undecodable or non-8-bit file."""
-    p = check_input_file(path, "an image")
-    return decode_image(np.fromfile(p, dtype=np.uint8), str(p))  # from memory: no OpenCV path warnings
+    The header's size is checked against MAX_IMAGE_PIXELS before decoding (image_header).
+    SgexError (one line) for a missing, empty, oversized, undecodable or non-8-bit file."""
+    head = image_header(path)
+    p = Path(path)
+    img = decode_image(np.fromfile(p, dtype=np.uint8), str(p))  # from memory: no OpenCV path warnings
+    if img.shape[:2] != (head.height, head.width):
+        raise SgexError(f"{p}: decoded {img.shape[1]}x{img.shape[0]}, but the {head.format} header declares "
+                        f"{head.width}x{head.height}")
+    return img
 
 
 def decode_image(data: bytes | np.ndarray, what: str = "image") -> np.ndarray:
@@ -82,7 +117,7 @@ def decode_image(data: bytes | np.ndarray, what: str = "image") -> np.ndarray:
     buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
     if img is None:
-        raise SgexError(f"{what}: not an image OpenCV can decode")
+        raise SgexError(f"{what}: not an image OpenCV can decode (damaged or truncated)")
     if img.dtype != np.uint8:
         raise SgexError(f"{what}: {img.dtype} pixels; sgex reads 8-bit images")
     if img.ndim == 3 and img.shape[2] == 1:
@@ -134,31 +169,97 @@ def _umask() -> int:
     return mask
 
 
-class atomic_output:
-    """Context manager yielding a temp path beside `path` (same extension, so encoders pick the
-    right format); on success the temp file replaces `path`, on any error it is removed.
-    No partial output file ever carries the final name."""
+TEMP_PREFIX = ".sgex-"  # every temp output is ".sgex-<random>.tmp<ext>": at most ~40 bytes whatever
+MAX_TEMP_SUFFIX = 16    # the output name (NAME_MAX is 255), so a legal output name always has a temp
 
-    def __init__(self, path: str | os.PathLike):
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable; filesystems that cannot fsync a directory are skipped."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_all(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Write `data` to `path` with os.write until every byte is out (a short write is retried;
+    ENOSPC and other errors raise OSError)."""
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    finally:
+        os.close(fd)
+
+
+class atomic_output:
+    """Context manager yielding a temp path beside `path`; the one writer discipline of sgex.
+
+        with atomic_output("out.mp4", verify=check_frames) as tmp:
+            encode(tmp)
+
+    The temp file is `.sgex-<random>.tmp<ext>` in the output's folder (same filesystem, so the
+    rename is atomic; the same extension, so encoders pick the right format; short, so any legal
+    output name works). On success: the file is fsync'd, `verify(tmp)` runs when given (it raises
+    to refuse the result), the file gets the usual umask mode, is renamed over `path`, and the
+    folder is fsync'd. On any error, KeyboardInterrupt and termination signals included, the temp
+    file is removed and an existing `path` is left untouched. An OSError while writing (disk full,
+    quota, I/O error) becomes one SgexError line naming the output."""
+
+    def __init__(self, path: str | os.PathLike, verify: Callable[[Path], None] | None = None):
         self.path = Path(path)
+        self.verify = verify
         self.tmp: Path | None = None
 
+    def _failed(self, e: OSError) -> SgexError:
+        kept = "; the existing file is unchanged" if self.path.exists() else ""
+        return SgexError(f"{self.path}: writing failed ({e.strerror or e}){kept}")
+
     def __enter__(self) -> Path:
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".tmp{self.path.suffix}",
-                                   dir=self.path.parent if str(self.path.parent) else ".")
+        parent = self.path.parent if str(self.path.parent) else Path(".")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=f".tmp{self.path.suffix[:MAX_TEMP_SUFFIX]}",
+                                       dir=parent)
+        except OSError as e:
+            raise self._failed(e) from None
         os.close(fd)
         self.tmp = Path(tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise self._failed(exc) from None
+            return False
+        try:
             if not self.tmp.exists() or self.tmp.stat().st_size == 0:
-                self.tmp.unlink(missing_ok=True)
                 raise SgexError(f"{self.path}: nothing was written")
+            fd = os.open(self.tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if self.verify is not None:
+                self.verify(self.tmp)
             os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
             os.replace(self.tmp, self.path)
-        else:
+            _fsync_dir(self.tmp.parent)
+        except OSError as e:
             self.tmp.unlink(missing_ok=True)
+            raise self._failed(e) from None
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
         return False
 
 
@@ -174,12 +275,76 @@ def encode_image(image: np.ndarray, ext: str, what: str = "image") -> bytes:
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray) -> Path:
-    """Encode uint8 RGB [H, W, 3] (or grey [H, W]) by the extension of `path`, written atomically."""
+    """Encode uint8 RGB [H, W, 3] (or grey [H, W]) by the extension of `path`, written atomically
+    (atomic_output); the encoded bytes are decoded again before the rename, so a written image
+    always decodes."""
     p = Path(path)
     data = encode_image(image, p.suffix, str(p))
-    with atomic_output(p) as tmp:
-        tmp.write_bytes(data)
+
+    def verify(tmp: Path) -> None:
+        back = decode_image(np.fromfile(tmp, dtype=np.uint8), str(p))
+        if back.shape[:2] != image.shape[:2]:
+            raise SgexError(f"{p}: the written file does not decode back to a {image.shape[1]}x{image.shape[0]} image")
+
+    with atomic_output(p, verify=verify) as tmp:
+        write_all(tmp, data)
     return p
+
+
+class staged_folder:
+    """Context manager for a run that writes many files into the folder `out`: it yields a
+    staging folder (`out/.sgex-<random>/`); only when the whole block succeeds are the staged files
+    renamed into `out` (each rename atomic, the folder fsync'd). On any error, KeyboardInterrupt and
+    termination signals included, the staging folder is removed, no new file appears in `out`, no
+    existing file there is replaced, and an `out` this run created is removed again."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+        self.stage: Path | None = None
+        self._created = False
+
+    def __enter__(self) -> Path:
+        self._created = not self.out.exists()
+        try:
+            self.out.mkdir(exist_ok=True)
+            self.stage = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.out))
+        except OSError as e:
+            self._undo()
+            raise SgexError(f"{self.out}: cannot create the output folder ({e.strerror or e})") from None
+        return self.stage
+
+    def _undo(self) -> None:
+        import shutil
+
+        if self.stage is not None:
+            shutil.rmtree(self.stage, ignore_errors=True)
+        if self._created:
+            try:
+                self.out.rmdir()  # only when empty: never removes anything but what this run made
+            except OSError:
+                pass
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self._undo()
+            return False
+        try:
+            staged = sorted(p for p in self.stage.iterdir())
+            clash = [p.name for p in staged if (self.out / p.name).is_dir()]
+            if clash:
+                raise SgexError(f"{self.out / clash[0]}: is a directory; an output file of that name "
+                                f"cannot replace it (nothing was written)")
+            for p in staged:
+                os.replace(p, self.out / p.name)
+            self.stage.rmdir()
+            _fsync_dir(self.out)
+        except OSError as e:
+            self._undo()
+            raise SgexError(f"{self.out}: writing the results failed ({e.strerror or e})") from None
+        except BaseException:
+            self._undo()
+            raise
+        return False
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -198,6 +363,8 @@ def task_image(image: np.ndarray, task: Task, what: str = "input") -> np.ndarray
 
     RGB tasks: uint8 [H, W, 3]. sketch2face: uint8 [H, W] (channel 0 of an RGB image, as the
     official web UI does). mask2face: uint8 label map [H, W] with values < 19."""
+    if not isinstance(image, np.ndarray):
+        raise SgexError(f"{what}: expected a numpy uint8 image, got {type(image).__name__}")
     if image.dtype != np.uint8:
         raise SgexError(f"{what}: dtype must be uint8, got {image.dtype}")
     if image.ndim not in (2, 3):

@@ -22,27 +22,46 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.buckets import Bucket
+from runtime.buckets import Bucket, check_side
 from runtime.errors import SgexError
-from runtime.tasks import TASKS
+from runtime.tasks import ALIGNED_SIZE, N_LATENT, N_NOISE, STYLE_DIM, TASKS, WIDTH_DIVS, Task
 
 FORMAT = "sgex-manifest"
 VERSION = 2  # 2: buckets named by the output side (1: by the input side)
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16")
 FLAVORS = ("portable", "plugin")
+
+# The schema, in one place. Top-level fields: REQUIRED and OPTIONAL, nothing else. Inside graph,
+# engine and checkpoint entries the listed fields are required (REQ) or type-checked when present;
+# entries may carry more (engines record build facts). A type given as a tuple allows each.
+_INT, _STR, _NONE = (int,), (str,), (type(None),)
+REQUIRED = {"format": _STR, "version": _INT, "task": _STR, "variant": _STR, "precision": _STR,
+            "flavor": _STR, "noise": _STR, "style_dim": _INT, "n_latent": _INT, "inputs": (dict,),
+            "checkpoint": (dict,), "graphs": (dict,), "files": (dict,), "engines": (dict,),
+            "versions": (dict,), "created": _STR}
 # Optional top-level field: the OpenVINO BF16 accuracy gate written by `sgex-calib --bf16`
 # (calib/bf16.py) and read by runtime/backends/openvino.py.
 BF16_GATE = "openvino_bf16"
-REQUIRED = ("task", "variant", "precision", "flavor", "noise", "style_dim", "n_latent", "inputs",
-            "checkpoint", "graphs", "files", "engines", "versions", "created")
+OPTIONAL = {"plan": (dict,),  # fp16 exports: the precision plan the graphs were built with
+            BF16_GATE: (dict,)}
+GRAPH_FIELDS = {"file": _STR, "sha256": _STR, "inputs": (list,), "outputs": (list,),
+                "graph": _STR, "bucket": (dict,) + _NONE, "dims": (dict,), "precision": _STR,
+                "flavor": _STR, "opset": _INT, "nodes": _INT}
+GRAPH_REQUIRED = ("file", "sha256", "inputs", "outputs")
+ENGINE_FIELDS = {"file": _STR, "sha256": _STR, "onnx_sha256": _STR, "tensorrt": _STR, "gpu": _STR,
+                 "compute_capability": _STR, "precision": _STR, "plugin": _STR + _NONE, "profile": (dict,)}
+ENGINE_REQUIRED = ("file", "sha256")
+CHECKPOINT_FIELDS = {"file": _STR + _NONE, "sha256": _STR + _NONE, "random": (bool,), "seed": _INT + _NONE}
+IO_FIELDS = {"name": _STR, "dtype": _STR, "shape": (list,)}
+NOISE = {"random": "explicit", "zero": "zero"}  # task table noise -> manifest noise
 
 __all__ = [
-    "Manifest", "FORMAT", "VERSION", "MANIFEST_NAME", "BF16_GATE", "sha256_file", "graph_key", "parse_graph_key",
+    "Manifest", "FORMAT", "VERSION", "MANIFEST_NAME", "BF16_GATE", "OPTIONAL", "sha256_file", "graph_key", "parse_graph_key",
+    "graph_io", "check_schema",
     "atomic_write_bytes", "atomic_write_text",
 ]
 
@@ -71,22 +90,14 @@ def parse_graph_key(key: str) -> tuple[str, int | None]:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then os.replace (never a partial file).
-    The file gets the usual umask-derived mode (mkstemp's 0600 would hide artifacts from others)."""
+    """Write `data` to `path` through runtime.io.atomic_output (temp file beside it, fsync, rename;
+    never a partial file), creating the parent folder."""
+    from runtime.io import atomic_output, write_all
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp:
+        write_all(tmp, data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -99,6 +110,154 @@ def _safe_relpath(rel: str, what: str) -> str:
     if not rel or p.is_absolute() or ".." in p.parts:
         raise SgexError(f"manifest: {what} has an unsafe file path {rel!r}")
     return rel
+
+
+def graph_io(spec: Task, graph: str, style_dim: int) -> tuple[dict[str, list], dict[str, list]]:
+    """(inputs, outputs) of one exported graph of a task, in order: name -> shape, where an int is
+    a fixed dimension and None a dynamic one (batch, height, width). The manifest must match."""
+    d = style_dim
+    if graph == "style":
+        return {"x2": [None, 3, ALIGNED_SIZE, ALIGNED_SIZE]}, {"wplus": [None, N_LATENT, d]}
+    if graph == "synth":
+        ins = {"x1": [None, 3, None, None], "wplus": [None, N_LATENT, d]}
+        if spec.editing:
+            ins["editing_w"] = [None, N_LATENT, d]
+    else:
+        ins = {"x": [None, spec.in_channels, None, None], "z": [None, d]}
+    if spec.noise == "random":
+        ins.update({f"noise_{j}": [None, 1, None, None] for j in range(N_NOISE)})
+    return ins, {"y": [None, 3, None, None]}
+
+
+def _is(value, types) -> bool:
+    if isinstance(value, bool) and bool not in types:
+        return False  # True is an int to Python, not to a manifest
+    return isinstance(value, types)
+
+
+def _typed(where: str, entry: dict, fields: dict, required=()) -> None:
+    for name in required:
+        if name not in entry:
+            raise SgexError(f"{where} lacks {name!r}")
+    for name, types in fields.items():
+        if name in entry and not _is(entry[name], types):
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            value = entry[name]
+            shown = f" {value!r}"[:40] if isinstance(value, (str, int, float, type(None))) else ""
+            raise SgexError(f"{where}.{name} must be {want}, got {type(value).__name__}{shown}")
+
+
+def _sha(where: str, value: str | None) -> None:
+    if value is not None and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
+        raise SgexError(f"{where} is not a sha256 (64 lowercase hex digits): {value!r}")
+
+
+def _file_entry(where: str, entry, fields: dict, required, what: str) -> None:
+    """A graph or engine entry: an object with typed fields, a safe file path and a sha256."""
+    if not isinstance(entry, dict):
+        raise SgexError(f"{where} must be an object, got {type(entry).__name__}")
+    _typed(where, entry, fields, required)
+    _safe_relpath(entry["file"], what)
+    _sha(f"{where}.sha256", entry["sha256"])
+
+
+def _check_io(where: str, got: list, want: dict[str, list]) -> None:
+    for i, t in enumerate(got):
+        if not isinstance(t, dict):
+            raise SgexError(f"{where}[{i}] must be an object, got {type(t).__name__}")
+        _typed(f"{where}[{i}]", t, IO_FIELDS, ("name",))
+    names = [t["name"] for t in got]
+    if names != list(want):
+        raise SgexError(f"{where} are {names}, but this task's graph has {list(want)}")
+    for t in got:
+        shape = t.get("shape")
+        if shape is None:
+            continue
+        exp = want[t["name"]]
+        if len(shape) != len(exp) or any(e is not None and s != e for s, e in zip(shape, exp)):
+            shown = [("*" if e is None else e) for e in exp]
+            raise SgexError(f"{where} {t['name']}: shape {shape} does not fit this task ({shown})")
+
+
+def check_schema(d, source: str = "manifest") -> None:
+    """Check a parsed manifest.json: every field's type, then the manifest against the task table
+    (runtime/tasks.py): variant, noise, style dim, graph names, each graph's bucket and the names
+    and fixed dimensions of its inputs and outputs, safe relative file paths, sha256 strings,
+    engines of existing graphs. SgexError naming the field; a manifest that passes can be
+    indexed without further checks."""
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        fmt = d.get("format") if isinstance(d, dict) else type(d).__name__
+        raise SgexError(f"{source}: not an sgex manifest (format {fmt!r}, expected {FORMAT!r})")
+    if d.get("version") == 1:
+        raise SgexError(f"{source}: an export of the old layout (manifest version 1, buckets named by "
+                        f"the input side); re-export it with sgex-export (--res is now the output side)")
+    if d.get("version") != VERSION or not _is(d.get("version"), _INT):
+        raise SgexError(f"{source}: manifest version {d.get('version')!r} is not supported "
+                        f"(this sgex reads version {VERSION})")
+    missing = [k for k in REQUIRED if k not in d]
+    if missing:
+        raise SgexError(f"{source}: manifest lacks {', '.join(missing)}")
+    unknown = [k for k in d if k not in REQUIRED and k not in OPTIONAL]
+    if unknown:
+        raise SgexError(f"{source}: unknown manifest field {unknown[0]!r} (optional fields: "
+                        f"{', '.join(OPTIONAL) or 'none'})")
+    _typed(source, d, {**REQUIRED, **OPTIONAL})
+    if d["task"] not in TASKS:
+        raise SgexError(f"{source}: unknown task {d['task']!r}")
+    spec = TASKS[d["task"]]
+    if d["variant"] not in [v.name for v in spec.variants]:
+        raise SgexError(f"{source}: variant {d['variant']!r} is not a variant of task {spec.name!r} "
+                        f"({', '.join(v.name for v in spec.variants)})")
+    if d["precision"] not in PRECISIONS:
+        raise SgexError(f"{source}: unknown precision {d['precision']!r}")
+    if d["flavor"] not in FLAVORS:
+        raise SgexError(f"{source}: unknown flavor {d['flavor']!r}")
+    if d["noise"] != NOISE[spec.noise]:
+        raise SgexError(f"{source}: noise {d['noise']!r} does not fit task {spec.name!r} ({NOISE[spec.noise]!r})")
+    dims = sorted(STYLE_DIM // w for w in WIDTH_DIVS)
+    if d["style_dim"] not in dims:
+        raise SgexError(f"{source}: style_dim {d['style_dim']} is not one of {dims}")
+    if d["n_latent"] != N_LATENT:
+        raise SgexError(f"{source}: n_latent {d['n_latent']} is not {N_LATENT}")
+    _typed(f"{source}: checkpoint", d["checkpoint"], CHECKPOINT_FIELDS, ("sha256", "random"))
+    _sha(f"{source}: checkpoint.sha256", d["checkpoint"]["sha256"])
+    for key, g in d["graphs"].items():
+        where = f"{source}: graphs[{key!r}]"
+        name, side = parse_graph_key(key)
+        if name not in spec.graphs or (name == "style") != (side is None):
+            shown = ", ".join("style" if n == "style" else f"{n}@<side>" for n in spec.graphs)
+            raise SgexError(f"{where}: task {spec.name!r} has no such graph (its graphs: {shown})")
+        _file_entry(where, g, GRAPH_FIELDS, GRAPH_REQUIRED, f"graph {key!r}")
+        if g.get("graph", name) != name:
+            raise SgexError(f"{where}.graph is {g['graph']!r}, not {name!r}")
+        b = g.get("bucket")
+        if side is not None:
+            if b is None:
+                raise SgexError(f"{where} lacks its bucket {{side, max_batch}}")
+            _typed(f"{where}.bucket", b, {"side": _INT, "max_batch": _INT}, ("side", "max_batch"))
+            if b["side"] != side:
+                raise SgexError(f"{where}.bucket.side is {b['side']}, but the key says {side}")
+            try:
+                check_side(side, what=f"{where}: the bucket side")
+            except ValueError as e:
+                raise SgexError(str(e)) from None
+            if b["max_batch"] < 1:
+                raise SgexError(f"{where}.bucket.max_batch must be >= 1, got {b['max_batch']}")
+        elif b is not None:
+            raise SgexError(f"{where}.bucket must be null (the style graph has no bucket)")
+        want_in, want_out = graph_io(spec, name, d["style_dim"])
+        _check_io(f"{where}.inputs", g["inputs"], want_in)
+        _check_io(f"{where}.outputs", g["outputs"], want_out)
+    for rel, sha in d["files"].items():
+        _safe_relpath(rel, "files")
+        if not _is(sha, _STR):
+            raise SgexError(f"{source}: files[{rel!r}] must be a sha256 string, got {type(sha).__name__}")
+        _sha(f"{source}: files[{rel!r}]", sha)
+    for key, e in d["engines"].items():
+        where = f"{source}: engines[{key!r}]"
+        if key not in d["graphs"]:
+            raise SgexError(f"{where}: an engine of no graph in the manifest")
+        _file_entry(where, e, ENGINE_FIELDS, ENGINE_REQUIRED, f"engine {key!r}")
 
 
 @dataclass
@@ -147,37 +306,8 @@ class Manifest:
         return m
 
     def validate(self, source: str = "manifest") -> None:
-        d = self.data
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            fmt = d.get("format") if isinstance(d, dict) else type(d).__name__
-            raise SgexError(f"{source}: not an sgex manifest (format {fmt!r}, expected {FORMAT!r})")
-        if d.get("version") == 1:
-            raise SgexError(f"{source}: an export of the old layout (manifest version 1, buckets named by "
-                            f"the input side); re-export it with sgex-export (--res is now the output side)")
-        if d.get("version") != VERSION:
-            raise SgexError(f"{source}: manifest version {d.get('version')!r} is not supported "
-                            f"(this sgex reads version {VERSION})")
-        missing = [k for k in REQUIRED if k not in d]
-        if missing:
-            raise SgexError(f"{source}: manifest lacks {', '.join(missing)}")
-        if d["task"] not in TASKS:
-            raise SgexError(f"{source}: unknown task {d['task']!r}")
-        if d["precision"] not in PRECISIONS:
-            raise SgexError(f"{source}: unknown precision {d['precision']!r}")
-        if d["flavor"] not in FLAVORS:
-            raise SgexError(f"{source}: unknown flavor {d['flavor']!r}")
-        for key, g in d["graphs"].items():
-            parse_graph_key(key)
-            for f in ("file", "sha256", "inputs", "outputs"):
-                if f not in g:
-                    raise SgexError(f"{source}: graph {key!r} lacks {f!r}")
-            _safe_relpath(g["file"], f"graph {key!r}")
-        for rel in d["files"]:
-            _safe_relpath(rel, "files")
-        for key, e in d["engines"].items():
-            if "file" not in e or "sha256" not in e:
-                raise SgexError(f"{source}: engine {key!r} lacks file/sha256")
-            _safe_relpath(e["file"], f"engine {key!r}")
+        """The one schema check (see `check_schema`); SgexError naming the offending field."""
+        check_schema(self.data, source)
 
     # -- accessors ------------------------------------------------------------------------------
     task = property(lambda self: self.data["task"])
@@ -248,17 +378,29 @@ class Manifest:
                 raise SgexError(f"{p}: sha256 does not match the manifest ({what}); the file was "
                                 f"modified or belongs to another export")
 
-    def read_verified(self, directory: str | os.PathLike, key: str) -> bytes:
-        """The bytes of graph or engine `key`, read once and checked against the manifest's
-        sha256: a caller that loads these bytes runs exactly what was hashed (a file changed after
-        `verify` is refused here, not run)."""
-        entry = self.engines.get(key) if key in self.engines and key not in self.graphs else self.graph(key)
-        p = Path(directory) / entry["file"]
+    def read_verified(self, directory: str | os.PathLike, key: str, kind: str = "graph") -> bytes:
+        """The bytes of the graph, engine or file `key` (kind "graph" | "engine" | "file"), read
+        once and checked against the manifest's sha256: a caller that loads these bytes runs
+        exactly what was hashed (a file changed after `verify` is refused here, not run)."""
+        if kind == "graph":
+            rel, sha = self.graph(key)["file"], self.graph(key)["sha256"]
+        elif kind == "engine":
+            if key not in self.engines:
+                have = ", ".join(sorted(self.engines)) or "none"
+                raise SgexError(f"task {self.task!r} has no TensorRT engine {key!r} (engines: {have})")
+            rel, sha = self.engines[key]["file"], self.engines[key]["sha256"]
+        elif kind == "file":
+            if key not in self.files:
+                raise SgexError(f"the manifest of task {self.task!r} lists no file {key!r}")
+            rel, sha = key, self.files[key]
+        else:
+            raise ValueError(f"kind must be graph, engine or file, got {kind!r}")
+        p = Path(directory) / rel
         if not p.is_file():
-            raise SgexError(f"{p}: missing ({key} of manifest for task {self.task!r})")
+            raise SgexError(f"{p}: missing ({kind} {key} of manifest for task {self.task!r})")
         data = p.read_bytes()
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise SgexError(f"{p}: sha256 does not match the manifest ({key}); the file was "
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise SgexError(f"{p}: sha256 does not match the manifest ({kind} {key}); the file was "
                             f"modified or belongs to another export")
         return data
 

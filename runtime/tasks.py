@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from runtime.errors import UnknownName
+
 N_LATENT = 18
 STYLE_DIM = 512
 N_NOISE = 17  # conv1 + convs.0..15
@@ -56,7 +58,7 @@ class Task:
             if v.name == name:
                 return v
         names = ", ".join(v.name for v in self.variants)
-        raise KeyError(f"task {self.name!r} has no variant {name!r} (choose from: {names})")
+        raise UnknownName(f"task {self.name!r} has no variant {name!r} (choose from: {names})")
 
     @property
     def input_kind(self) -> str:
@@ -137,13 +139,14 @@ TASKS: dict[str, Task] = {
 }
 
 N_MASK_CLASSES = 19
+WIDTH_DIVS = (1, 2, 4)  # random tiny models: channel divisors (SE reduction 16 needs >= 16 channels at depth 64)
 
 
 def get_task(name: str) -> Task:
-    try:
+    """The task called `name`; UnknownName (an SgexError and a KeyError) naming the choices."""
+    if isinstance(name, str) and name in TASKS:
         return TASKS[name]
-    except KeyError:
-        raise KeyError(f"unknown task {name!r} (choose from: {', '.join(TASKS)})") from None
+    raise UnknownName(f"unknown task {name!r} (choose from: {', '.join(TASKS)})")
 
 
 def feature_size(side: int) -> int:

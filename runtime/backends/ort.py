@@ -86,9 +86,10 @@ class OrtBackend(Backend):
     def session(self, key: str):
         """The InferenceSession of graph `key` (created and cached on first use)."""
         if key not in self._sessions:
-            path = self.dir / self.manifest.graph(key)["file"]
-            sess = self._ort.InferenceSession(str(path), sess_options=self._options(),
-                                              providers=self.providers)
+            # Loaded from the bytes that were hashed, never from the path: a graph changed after
+            # the Engine verified its directory is refused here instead of run.
+            data = self.manifest.read_verified(self.dir, key)
+            sess = self._ort.InferenceSession(data, sess_options=self._options(), providers=self.providers)
             self._sessions[key] = sess
             self._outputs[key] = [o.name for o in sess.get_outputs()]
         return self._sessions[key]

@@ -433,10 +433,10 @@ class TrtBackend(Backend):
             raise SgexError(f"{self.dir}: no TensorRT engine for graph {key} (engines: {have}); "
                             f"build it with `sgex-export ... --engine`")
         path = self.dir / entry["file"]
-        if not path.is_file():
-            raise SgexError(f"{path}: missing (engine {key} of the manifest); {REBUILD_HINT}")
-        data = path.read_bytes()
-        check_engine_bytes(key, entry, data)
+        try:  # deserialized from exactly the bytes that were hashed
+            data = self.manifest.read_verified(self.dir, key, kind="engine")
+        except SgexError as e:
+            raise SgexError(f"{e}; {REBUILD_HINT}") from None
         if entry.get("plugin") == "jit":
             self._register_plugin()
         engine = self._runtime.deserialize_cuda_engine(data)

@@ -37,7 +37,7 @@ def test_read_image_errors(tmp_path, case):
         p.mkdir()
     elif case == "16bit":
         _png(p, np.zeros((4, 4, 3), np.uint16))
-    word = {"missing": "no such file", "empty": "empty", "text": "decode", "dir": "directory", "16bit": "8-bit"}[case]
+    word = {"missing": "no such file", "empty": "empty", "text": "not an image", "dir": "directory", "16bit": "8-bit"}[case]
     with pytest.raises(SgexError, match=word):
         rio.read_image(p)
 

@@ -10,12 +10,14 @@ import pytest
 
 from runtime.buckets import Bucket
 from runtime.errors import SgexError
-from runtime.manifest import MANIFEST_NAME, Manifest, graph_key, parse_graph_key, sha256_file
+from runtime.manifest import MANIFEST_NAME, Manifest, graph_io, graph_key, parse_graph_key, sha256_file
+from runtime.tasks import TASKS
 
 
 def _new(task="superres", precision="fp32", flavor="portable", sha="c" * 64, variant="sr"):
     return Manifest.new(
-        task=task, variant=variant, precision=precision, flavor=flavor, noise="explicit",
+        task=task, variant=variant, precision=precision, flavor=flavor,
+        noise="explicit" if TASKS[task].noise == "random" else "zero",
         style_dim=128, n_latent=18, inputs={"x1": {"kind": "rgb"}},
         checkpoint={"file": "x.pt", "sha256": sha, "random": False, "seed": None},
         versions={"sgex": "0.1.0"},
@@ -26,9 +28,11 @@ def _add(m, d, key, rel, payload: bytes, side=None):
     p = d / rel
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_bytes(payload)
+    ins, outs = graph_io(TASKS[m.task], key.split("@")[0], m.style_dim)
     m.graphs[key] = {"file": rel, "sha256": sha256_file(p), "graph": key.split("@")[0],
                      "bucket": None if side is None else {"side": side, "max_batch": 4},
-                     "inputs": [], "outputs": []}
+                     "inputs": [{"name": n, "shape": sh} for n, sh in ins.items()],
+                     "outputs": [{"name": n, "shape": sh} for n, sh in outs.items()]}
 
 
 @pytest.fixture

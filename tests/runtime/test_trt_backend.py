@@ -35,7 +35,7 @@ from runtime.manifest import Manifest
 
 TRT_VERSION = "10.9.0.34"
 GPU, CC = "NVIDIA Fake GPU", "9.0"
-D = 8
+D = 128  # the style dim of a width_div=4 model (a manifest refuses other sizes)
 ENTRY = {"file": "128/synth.engine", "sha256": "ab" * 32, "onnx_sha256": "cd" * 32, "tensorrt": TRT_VERSION,
          "gpu": GPU, "compute_capability": CC, "precision": "fp16", "plugin": None,
          "profile": {"x1": {"min": [1, 3, 32, 32], "opt": [1, 3, 128, 128], "max": [2, 3, 128, 128]},
@@ -93,7 +93,7 @@ def test_check_feeds_names_the_dimension():
         tb.check_feeds("synth@128", ENTRY, {"x1": np.zeros((1, 3, 64, 160), np.float32), "wplus": w})
     with pytest.raises(SgexError, match=r"x1 dim 0 \(batch\) is 3"):
         tb.check_feeds("synth@128", ENTRY, {"x1": np.zeros((3, 3, 64, 64), np.float32), "wplus": np.zeros((3, 18, D), np.float32)})
-    with pytest.raises(SgexError, match=r"wplus dim 2 .* is 9, outside the engine profile 8"):
+    with pytest.raises(SgexError, match=rf"wplus dim 2 .* is 9, outside the engine profile {D}"):
         tb.check_feeds("synth@128", ENTRY, {"x1": x1, "wplus": np.zeros((1, 18, 9), np.float32)})
     with pytest.raises(SgexError, match="must be float32"):
         tb.check_feeds("synth@128", ENTRY, {"x1": x1.astype(np.float16), "wplus": w})
@@ -109,11 +109,11 @@ def test_device_index():
 
 # -- without TensorRT ---------------------------------------------------------------------------------
 def _manifest(engines=None) -> Manifest:
-    m = Manifest.new(task="superres", variant="sr", precision="fp16", flavor="portable", noise="zero",
+    m = Manifest.new(task="toonify", variant="pixar", precision="fp16", flavor="portable", noise="zero",
                      style_dim=D, n_latent=18, inputs={}, versions={},
                      checkpoint={"file": None, "sha256": None, "random": True, "seed": 0})
     m.graphs["synth@128"] = {**GRAPH, "bucket": {"side": 128, "max_batch": 2}, "graph": "synth",
-                             "inputs": [], "outputs": []}
+                             "inputs": [{"name": "x1"}, {"name": "wplus"}], "outputs": [{"name": "y"}]}
     m.engines.update(engines if engines is not None else {"synth@128": ENTRY})
     return m
 

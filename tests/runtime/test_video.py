@@ -345,7 +345,8 @@ def test_encoder_failure_reaches_the_caller(tmp_path, monkeypatch):
         real(self, frame, pts)
 
     monkeypatch.setattr(VideoWriter, "write", write)
-    with pytest.raises(OSError, match="No space left"):
+    # atomic_output turns the OSError into one user-facing line naming the output
+    with pytest.raises(SgexError, match="out.mp4: writing failed .No space left"):
         run_video(VideoReader(src), out, process(), queue_frames=2, progress=False)
     assert listing(tmp_path) == ["in.mp4"]
     assert not [t for t in threading.enumerate() if t.name.startswith("sgex-")]

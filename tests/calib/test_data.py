@@ -72,7 +72,7 @@ def test_bad_data_raises_one_line(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.png").write_bytes(b"definitely not a png")
-    with pytest.raises(SgexError, match="not an image OpenCV can decode"):
+    with pytest.raises(SgexError, match="not an image sgex can read"):
         load_samples("superres", 256, str(bad))
     vid = tmp_path / "clip.mp4"
     vid.write_bytes(b"\x00" * 64)

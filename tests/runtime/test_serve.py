@@ -263,7 +263,7 @@ def test_face_pipeline_options_pass_through(server, engine, astronaut):
     from runtime.pipeline import FaceOptions
 
     client, _, _ = server
-    side = max(b.side for b in engine.buckets)
+    side = max(b.max_input for b in engine.buckets)  # the largest x1 side the export holds
     pad = (side // 2,) * 4
     query = f"padding={','.join(map(str, pad))}"
     scale = engine.spec.variant(engine.variant).scales[0]  # the server's default, as sgex-run's
@@ -298,7 +298,7 @@ def test_bad_inputs(server, engine):
         ({"body": b"", }, 400, "empty"),
         ({"body": b"\0" * (MAX_BODY + 1)}, 413, "limit"),
         ({"body": _png_header_only(5000, 5000)}, 413, "pixels"),
-        ({"body": _png(_image(2, (max(b.side for b in engine.buckets) * 2,) * 2))}, 413, "bucket"),
+        ({"body": _png(_image(2, (max(b.max_input for b in engine.buckets) + 8,) * 2))}, 413, "bucket"),
         ({"body": png, "headers": {"Accept": "text/html"}}, 406, "Accept"),
     ]
     for case, want, text in cases:

@@ -35,6 +35,7 @@ MAX_ONGOING = 4
 MAX_QUEUED = 8
 MAX_BODY = 1_000_000
 MAX_PIXELS = 1_000_000
+SMALL_X1 = 32
 
 
 def _free_port() -> int:
@@ -147,7 +148,8 @@ def engine(tiny_superres_export):
 def _sizes(engine, n: int) -> list[tuple[int, int]]:
     """n distinct (height, width) that the export's buckets hold, multiples of 8 (no padding) and
     not: taken from the bucket table, not hard-coded."""
-    top = max(b.side for b in engine.buckets)
+    # small x1 keep the requests cheap (the tiny export's bucket 1024 holds up to 256)
+    top = min(SMALL_X1, max(b.max_input for b in engine.buckets))
     cands = [(h, w) for h in range(top, 7, -1) for w in (h, h - 4) if w > 7 and
              any(b.holds(h, w) for b in engine.buckets)]
     out = []

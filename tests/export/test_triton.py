@@ -203,9 +203,12 @@ def test_translate_tasks_have_no_ensemble(tiny_superres_export):
     side = base["graphs"][key]["bucket"]["side"]
     entry = {**base["graphs"][key], "graph": "translate", "file": f"{side}/translate.onnx",
              "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 1, "height", "width"]},
-                        {"name": "z", "dtype": "float32", "shape": ["batch", base["style_dim"]]}]}
-    m = Manifest.from_dict({**base, "task": "sketch2face", "graphs": {f"translate@{side}": entry}})
+                        {"name": "z", "dtype": "float32", "shape": ["batch", base["style_dim"]]}]
+             + [i for i in base["graphs"][key]["inputs"] if i["name"].startswith("noise_")]}
+    m = Manifest.from_dict({**base, "task": "sketch2face", "variant": "sketch2face",
+                            "graphs": {f"translate@{side}": entry}})
     (model,) = plan_models(m)
     cfg = text_format.Parse(config_text(model), pb.ModelConfig())
     assert cfg.name == f"sgex_sketch2face_translate_{side}" and cfg.platform == "onnxruntime_onnx"
-    assert [(t.name, list(t.dims)) for t in cfg.input] == [("x", [1, -1, -1]), ("z", [base["style_dim"]])]
+    assert [(t.name, list(t.dims)) for t in cfg.input][:2] == [("x", [1, -1, -1]), ("z", [base["style_dim"]])]
+    assert [t.name for t in cfg.input][2:] == [f"noise_{j}" for j in range(17)]

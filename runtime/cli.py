@@ -373,8 +373,8 @@ def _scale(args, spec, variant: str, quiet: bool = False) -> int | None:
     elif args.scale is None:
         # No resize unless asked: the smallest scale of the variant (sr: 4 = the input is x1).
         scale = allowed[0]
-        say("--scale not given: using %d for superres variant %s (output = %d x input)",
-            scale, variant, scale)
+        say("--scale not given: using %d for superres variant %s (the photo is resized by %d/4 "
+            "before the face crop; the output is 4 x the model input)", scale, variant, scale)
     else:
         scale = args.scale
     if scale not in allowed:

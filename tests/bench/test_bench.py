@@ -168,6 +168,17 @@ def test_summarize_and_compare():
     assert not bench.compare(ref + np.nan, ref)["finite"]
 
 
+def test_disagreement_fp32_by_relative_diff_bf16_by_the_gates_psnr():
+    ref = np.linspace(-10, 10, 48, dtype=np.float32).reshape(1, 3, 4, 4)
+    near, far = bench.compare(ref + 0.05, ref), bench.compare(ref + 0.5, ref)  # rel 5e-3 / 5e-2
+    assert bench.disagreement(near, "fp32") is None and "relative" in bench.disagreement(far, "fp32")
+    # BF16 is judged by PSNR with the reference's range (20) as peak: +0.5 is 32 dB (refused), +0.1
+    # is 46 dB (accepted) although its relative max |diff| (1e-2) is at FP32's limit
+    assert "PSNR 32.0 dB" in bench.disagreement(far, "bf16")
+    assert bench.disagreement(bench.compare(ref + 0.1, ref), "bf16") is None  # 46 dB
+    assert bench.disagreement(bench.compare(ref + np.nan, ref), "bf16") == "non-finite output"
+
+
 def test_default_backends_are_the_available_ones_and_logged(caplog):
     cfg = bench.BenchConfig(task="superres", res=(256,), random_weights=True)
     with caplog.at_level("INFO", logger="bench.cli"):
@@ -232,7 +243,7 @@ def test_video_mode_end_to_end_on_both_libraries(tmp_path, capsys):
     assert rc == 0, err
     (run,) = json.loads(js.read_text())["runs"]
     e2e = run["end_to_end"]
-    assert e2e["clip"]["frames"] == 3 and e2e["clip"]["size"] == [32, 32] and e2e["clip"]["audio"]
+    assert e2e["clip"]["frames"] == 3 and e2e["clip"]["size"] == [8, 8] and e2e["clip"]["audio"]
     assert e2e["libs"] == {"opencv": "ok", "av": "ok"} and e2e["batch"] == 2
     entry = e2e["backends"]["torch"]
     assert set(e2e["backends"]) == {"torch"}  # the baseline has no Engine path

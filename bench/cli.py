@@ -372,18 +372,21 @@ class _TorchRunner:
         self.frames, self.x2, self.z, self.editing_w, self.noises = [], None, None, None, None
 
 
+def exported_engine(name: str, artifacts: str, device: str, task: str):
+    """runtime.Engine on exported artifacts for a bench backend name (ort, trt, openvino-fp32/bf16)."""
+    from runtime.engine import Engine
+
+    if name in OPENVINO:
+        return Engine(artifacts, backend="openvino", device=device, task=task, precision=OPENVINO[name])
+    return Engine(artifacts, backend=name, device=device, task=task)
+
+
 class _EngineRunner:
     """ort or trt: the exported graphs through runtime.Engine's backend, host arrays in and out."""
 
     def __init__(self, name: str, artifacts: str, inputs: BenchInputs, task, res: int, device: str):
-        from runtime.engine import Engine
-
         self.name, self.task, self.inputs = name, task, inputs
-        if name in OPENVINO:
-            self.engine = Engine(artifacts, backend="openvino", device=device, task=task.name,
-                                 precision=OPENVINO[name])
-        else:
-            self.engine = Engine(artifacts, backend=name, device=device, task=task.name)
+        self.engine = exported_engine(name, artifacts, device, task.name)
         m = self.engine.manifest
         self.key = graph_key(task.graphs[-1], res)
         names = [i["name"] for i in m.graph(self.key)["inputs"]]
@@ -1034,7 +1037,7 @@ def _e2e_engine(cfg: BenchConfig, name: str, artifacts: str | None):
                                       device=cfg.device, seed=cfg.seed, width_div=cfg.width_div,
                                       modconv_impl="auto" if cfg.device == "cuda" else None,
                                       torch_options=torch_options(cfg, name))
-    return Engine(artifacts, backend=name, device=cfg.device, task=cfg.task)
+    return exported_engine(name, artifacts, cfg.device, cfg.task)
 
 
 def time_end_to_end(engine, clip: str, out: str, lib: str, batch: int, warmup: int, iters: int) -> dict:

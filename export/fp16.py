@@ -80,7 +80,7 @@ FP16_MAX = 65504.0
 # resolution is the first-layer feature F = H/8, where the encoder's fused feature enters the
 # generator (decoder.conv1, 512 channels, dilation 8). The demodulation chain and the per-sample
 # normalisation statistics of sketch/mask are already covered by the vectors_fp32 rule.
-_DEFAULT_SCOPES = {
+DEFAULT_SCOPES = {
     "synth": ["decoder.conv1", "decoder.to_rgb1"],
     "translate": ["decoder.conv1", "decoder.to_rgb1"],
     "style": [],
@@ -116,7 +116,7 @@ def default_plan(task: str) -> dict:
         "task": t.name,
         "source": "default",
         "rules": dict(DEFAULT_RULES),
-        "graphs": {g: {"fp32_scopes": list(_DEFAULT_SCOPES[g]), "fp32_nodes": []} for g in t.graphs},
+        "graphs": {g: {"fp32_scopes": list(DEFAULT_SCOPES[g]), "fp32_nodes": []} for g in t.graphs},
         "notes": "default plan: graph I/O and every vector node (mapping, modulation, demodulation, "
                  "w+ arithmetic, normalisation statistics) FP32, plus the first generator layer at "
                  "F = H/8 where the encoder feature enters; everything spatial FP16. Replace with a "

@@ -12,9 +12,10 @@ makes this check fail on purpose (tests; checking the error path on a BF16 machi
 
 The accuracy gate (calib/bf16.py, `sgex-calib --bf16`) measures BF16 against FP32 per graph and
 records, in the manifest field named by runtime.manifest.BF16_GATE, which ONNX nodes must stay
-FP32 (`fp32_nodes`) and whether the graph passed, tied to the graph's sha256. precision="bf16"
-refuses a directory without a passing record for every graph unless force_precision=True (then
-it logs a warning). Pinned nodes are kept in FP32 with OpenVINO's per-node runtime attribute
+FP32 (`fp32_nodes`, or a whole graph: `graph_precision` "fp32"), whether the graph passed, tied
+to the graph's sha256, and whether the style -> synth pipeline passed. precision="bf16" refuses a
+directory without a passing record (of the current GATE_VERSION) for every graph and the
+pipeline unless force_precision=True (then it logs a warning). Pinned nodes are kept in FP32 with OpenVINO's per-node runtime attribute
 "precise" (ov::DisableFP16Compression, honoured by the CPU plugin's BF16 enforcement); the Python
 API cannot create that attribute, so the graph is written once as OpenVINO IR in a private temp
 directory, the attribute is added to the pinned layers' XML and the IR is read back
@@ -43,6 +44,8 @@ import numpy as np
 from runtime.backends.base import Backend
 from runtime.errors import SgexError, require
 from runtime.manifest import BF16_GATE
+
+GATE_VERSION = 2  # the record calib.bf16 writes (calib.bf16.GATE_VERSION must equal it)
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +173,16 @@ def gate_entry(manifest, key: str) -> tuple[dict | None, str]:
     gate = manifest.data.get(BF16_GATE)
     if not isinstance(gate, dict) or not isinstance(gate.get("graphs"), dict):
         return None, "the manifest has no BF16 accuracy report"
+    if gate.get("version") != GATE_VERSION:
+        return None, (f"the BF16 accuracy report is version {gate.get('version')}, this sgex reads version "
+                      f"{GATE_VERSION} (it gates the style -> synth pipeline too); re-run it")
+    pipe = gate.get("pipeline")
+    if not isinstance(pipe, dict):
+        return None, "the BF16 accuracy report has no pipeline section; re-run it"
+    failed = sorted(k for k, p in pipe.items() if not (isinstance(p, dict) and p.get("passed") is True))
+    if failed:
+        return None, (f"the style -> {failed[0]} pipeline failed the BF16 accuracy gate (PSNR "
+                      f"{pipe[failed[0]].get('psnr')} dB < {gate.get('target_psnr')})")
     entry = gate["graphs"].get(key)
     if not isinstance(entry, dict):
         return None, f"the BF16 accuracy report does not cover graph {key}"
@@ -177,6 +190,8 @@ def gate_entry(manifest, key: str) -> tuple[dict | None, str]:
         return None, f"the BF16 accuracy report of graph {key} was measured on another file"
     if entry.get("passed") is not True:
         return None, f"graph {key} failed the BF16 accuracy gate (PSNR {entry.get('psnr')} dB < {gate.get('target_psnr')})"
+    if entry.get("graph_precision", "bf16") not in PRECISIONS:
+        return None, f"the BF16 accuracy report of graph {key} names precision {entry.get('graph_precision')!r}"
     return entry, ""
 
 
@@ -203,6 +218,7 @@ class OpenvinoBackend(Backend):
         self.precision = precision
         self.threads = default_threads() if threads is None else int(threads)
         self.pins: dict[str, list[str]] = {}
+        self.graph_precision: dict[str, str] = {}  # graphs the gate keeps whole in FP32 under bf16
         if precision == "bf16":
             ok, why = bf16_support(self.core)
             if not ok:
@@ -211,6 +227,7 @@ class OpenvinoBackend(Backend):
         self.cpu = str(self.core.get_property(DEVICE, "FULL_DEVICE_NAME"))
         self.cache = cache_dir(self.dir, ov.__version__.split("-")[0], cpu_key(self.core)) if cache else None
         self.config = compile_config(precision, self.threads, self.cache)
+        self.config_fp32 = compile_config("fp32", self.threads, self.cache)
         self._compiled: dict = {}
         self._models: dict = {}
         self._requests: dict = {}
@@ -229,6 +246,10 @@ class OpenvinoBackend(Backend):
                 log.warning("openvino backend: BF16 FORCED for %s without a passing accuracy report (%s)", key, why)
                 continue
             pins[key] = list(entry.get("fp32_nodes", []))
+            if entry.get("graph_precision", "bf16") == "fp32":
+                self.graph_precision[key] = "fp32"
+                log.info("openvino backend: %s runs FP32 under bf16 (its BF16 accuracy gate kept the whole graph FP32)",
+                         key)
         return pins
 
     def compiled(self, key: str):
@@ -238,7 +259,8 @@ class OpenvinoBackend(Backend):
             pins = self.pins.get(key, [])
             model = pin_fp32(self.core, data, pins) if pins else self.core.read_model(data)
             del data
-            cm = self.core.compile_model(model, DEVICE, self.config)
+            fp32 = self.graph_precision.get(key) == "fp32"
+            cm = self.core.compile_model(model, DEVICE, self.config_fp32 if fp32 else self.config)
             self._models[key] = model  # a pinned model's constants may view its IR weights buffer
             self._compiled[key] = cm
             self._requests[key] = cm.create_infer_request()

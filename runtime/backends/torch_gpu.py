@@ -52,9 +52,9 @@ _FP32_BUFFERS = ("latent_avg", "editing_w")
 def _plan_scopes(plan: dict | None) -> tuple[list[str], bool]:
     """(fp32 scopes over every graph of the plan, vectors_fp32 rule); default plan when None."""
     if plan is None:
-        from export.fp16 import DEFAULT_RULES, _DEFAULT_SCOPES
+        from export.fp16 import DEFAULT_RULES, DEFAULT_SCOPES
 
-        return sorted({s for v in _DEFAULT_SCOPES.values() for s in v}), DEFAULT_RULES["vectors_fp32"]
+        return sorted({s for v in DEFAULT_SCOPES.values() for s in v}), DEFAULT_RULES["vectors_fp32"]
     from export.fp16 import validate_plan
 
     plan = validate_plan(plan)

@@ -50,7 +50,6 @@ TensorRT 10.x (>= 10.9) and 11.x; nothing here was run on a machine with TensorR
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import re
 from collections import OrderedDict
@@ -196,14 +195,6 @@ def check_engine_entry(key: str, entry: dict, graph: dict | None, *, tensorrt: s
     if graph is not None and entry.get("onnx_sha256") != graph.get("sha256"):
         raise SgexError(f"{where} was built from another export of {graph.get('file')} (ONNX sha256 "
                         f"differs); {REBUILD_HINT}")
-
-
-def check_engine_bytes(key: str, entry: dict, data: bytes) -> None:
-    """Refuse engine bytes whose sha256 differs from the manifest entry."""
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry.get("sha256"):
-        raise SgexError(f"engine {key} ({entry.get('file')}): sha256 does not match the manifest (the "
-                        f"file was modified or belongs to another build); {REBUILD_HINT}")
 
 
 def check_feeds(key: str, entry: dict, feeds: dict) -> None:

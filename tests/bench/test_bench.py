@@ -230,6 +230,12 @@ def test_openvino_fp32_and_bf16_rows(tmp_path, capsys):
     assert rows["openvino-bf16"]["accuracy"]["finite"]
     assert rows["openvino-bf16"]["accuracy"]["psnr_ref_range_db"] >= 30  # vs the FP32 baseline, end to end
     assert "openvino-bf16" in out
+    # the end-to-end video rows build their Engine the same way (bench name -> backend + precision)
+    eng = bench.exported_engine("openvino-bf16", str(tmp_path / "superres"), "cpu", "superres")
+    try:
+        assert "CPU bf16" in eng.backend.describe()
+    finally:
+        eng.close()
 
 
 def test_video_mode_end_to_end_on_both_libraries(tmp_path, capsys):

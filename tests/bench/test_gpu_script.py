@@ -60,6 +60,6 @@ def test_cpu_smoke_runs_every_step(tmp_path):
     assert prof["groups"]["high-res"]["gflop"] > 0 and prof["groups"]["shallow"]["time_ms"] > 0
     readme = (out / "README.md").read_text()
     assert "CPU SMOKE RUN" in readme and "| superres | video | 1 |" in readme
-    assert "bash bench/gpu/run.sh --cpu-smoke OUTDIR" in readme and "python3 -m bench.gpu.profile" in readme
+    assert "bash bench/gpu/run.sh --cpu-smoke OUTDIR" in readme and "-m bench.gpu.profile" in readme
     tests = json.loads((out / "logs" / "gpu_tests.json").read_text())
     assert tests["kernel"] and tests["fp16_vs_fp32"]

@@ -318,7 +318,7 @@ def fake_build(monkeypatch, tmp_path):
 
 
 def test_fake_build_records_engines(fake_build):
-    from runtime.backends.trt import DeviceIdentity, check_engine_bytes, check_engine_entry
+    from runtime.backends.trt import DeviceIdentity, check_engine_entry
 
     calls, task_dir = fake_build.calls, fake_build.dir
     m = eng.build_engines(task_dir, workspace_gb=2.0)
@@ -338,7 +338,7 @@ def test_fake_build_records_engines(fake_build):
     for key, e in saved.engines.items():
         assert (task_dir / e["file"]).parent == (task_dir / saved.graphs[key]["file"]).parent
         check_engine_entry(key, e, saved.graphs[key], tensorrt=FAKE_TRT, device=DeviceIdentity(FAKE_GPU, "9.0"))
-        check_engine_bytes(key, e, (task_dir / e["file"]).read_bytes())
+        assert saved.read_verified(task_dir, key, kind="engine") == (task_dir / e["file"]).read_bytes()
         assert (e["precision"], e["plugin"], e["workspace_gb"]) == ("fp16", None, 2.0)
     assert not list(task_dir.rglob("*.tmp"))
 

@@ -119,7 +119,15 @@ def test_fp32_matches_ort_and_bf16_gate_passes(task, exports, capsys):
         for o in r["outputs"].values():
             assert o["nan"] == 0 and o["inf"] == 0
             assert float(o["psnr"]) >= TARGET_PSNR, (k, o)
-    assert record["passed"]
+    if "style" in m.graphs:  # the style -> synth chain is gated as well
+        (pk, pr), = record["pipeline"].items()
+        assert pk == key and pr["passed"] and float(pr["psnr"]) >= TARGET_PSNR
+        with capsys.disabled():
+            print(f"[bf16 gate {task}] pipeline {pk}: {pr['psnr']} dB, style graph "
+                  f"{record['graphs']['style']['graph_precision']}")
+    else:
+        assert record["pipeline"] == {}
+    assert record["passed"] and record["version"] == 2
     write_gate(d, record)
     m2 = Manifest.load(d)
     assert openvino_bf16_ready(m2) == (True, "")
@@ -159,8 +167,7 @@ def test_bf16_refused_without_passing_gate_unless_forced(exports, caplog):
         be = create("openvino", d, m, "cpu", precision="bf16", force_precision=True)
     assert "BF16 FORCED" in caplog.text and be.precision == "bf16"
     # a record of another file, or a failed one, is refused as well
-    gate = {"graphs": {k: {"sha256": g["sha256"], "passed": True, "fp32_nodes": []} for k, g in m.graphs.items()},
-            "target_psnr": 40.0}
+    gate = _passing_gate(m)
     gate["graphs"]["style"]["sha256"] = "0" * 64
     m.data[BF16_GATE] = gate
     with pytest.raises(SgexError, match="measured on another file"):
@@ -168,6 +175,37 @@ def test_bf16_refused_without_passing_gate_unless_forced(exports, caplog):
     gate["graphs"]["style"].update(sha256=m.graph("style")["sha256"], passed=False, psnr=31.0)
     with pytest.raises(SgexError, match="failed the BF16 accuracy gate"):
         create("openvino", d, m, "cpu", precision="bf16")
+    # both graphs pass but the style -> synth pipeline does not: refused too
+    gate = m.data[BF16_GATE] = _passing_gate(m)
+    gate["pipeline"][f"synth@{RES}"].update(passed=False, psnr=37.7)
+    with pytest.raises(SgexError, match=rf"the style -> synth@{RES} pipeline failed the BF16 accuracy gate \(PSNR 37.7"):
+        create("openvino", d, m, "cpu", precision="bf16")
+    # a record of the first format (no pipeline gate) is refused with a re-run hint
+    m.data[BF16_GATE] = {**_passing_gate(m), "version": 1}
+    with pytest.raises(SgexError, match="version 1, this sgex reads version 2.*re-run"):
+        create("openvino", d, m, "cpu", precision="bf16")
+    # the gate kept the style graph whole in FP32: compiled with the f32 hint under bf16
+    m.data[BF16_GATE] = gate = _passing_gate(m)
+    gate["graphs"]["style"]["graph_precision"] = "fp32"
+    be = create("openvino", d, m, "cpu", precision="bf16")
+    be.compiled("style"), be.compiled(f"synth@{RES}")
+    assert be._compiled["style"].get_property("INFERENCE_PRECISION_HINT") == ov_type("f32")  # noqa: SLF001
+    assert be._compiled[f"synth@{RES}"].get_property("INFERENCE_PRECISION_HINT") == ov_type("bf16")  # noqa: SLF001
+    be.close()
+
+
+def ov_type(name: str):
+    import openvino as ov
+
+    return {"f32": ov.Type.f32, "bf16": ov.Type.bf16}[name]
+
+
+def _passing_gate(m) -> dict:
+    """A hand-made passing record of the current version for manifest m."""
+    return {"format": "sgex-bf16-gate", "version": 2, "passed": True, "target_psnr": 40.0,
+            "graphs": {k: {"sha256": g["sha256"], "passed": True, "fp32_nodes": [], "graph_precision": "bf16"}
+                       for k, g in m.graphs.items()},
+            "pipeline": {k: {"passed": True, "psnr": 45.0} for k in m.graphs if k != "style"}}
 
 
 def test_cpu_without_bf16_gets_one_line(tiny_superres_export, tmp_path, monkeypatch, capsys):
@@ -188,16 +226,59 @@ def test_cpu_without_bf16_gets_one_line(tiny_superres_export, tmp_path, monkeypa
     assert not (tmp_path / "o.png").exists()
 
 
-def _conv_graph() -> bytes:
-    import onnx
+def _conv_graph(x: str = "x", out: str = "z", name: str = "a", seed: int = 0, cout: int = 8) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32), "w")
-    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], name="conv_a"),
-             helper.make_node("Relu", ["y"], ["z"], name="relu_a")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 4, "H", "W"])],
-                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["B", 8, "H", "W"])], [w])
+    w = numpy_helper.from_array(np.random.default_rng(seed).standard_normal((cout, 4, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", [x, "w"], ["y"], pads=[1, 1, 1, 1], name=f"conv_{name}"),
+             helper.make_node("Relu", ["y"], [out], name=f"relu_{name}")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["B", 4, "H", "W"])],
+                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["B", cout, "H", "W"])], [w])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def _toy_pipeline():
+    """A one-conv "style" graph (x2 -> wplus) feeding a one-conv "synth" graph (wplus -> y), both
+    gated on FP32 inputs at an unreachable target, so each ends with its conv pinned FP32."""
+    import openvino as ov
+
+    from calib.bf16 import _Graph, _Pipeline, gate_graph
+
+    core = ov.Core()
+    x2 = [{"x2": np.random.default_rng(i).standard_normal((1, 4, 8, 8)).astype(np.float32)} for i in range(2)]
+    style = _Graph(core, "style", _conv_graph("x2", "wplus", "s", 1, cout=4), x2, 1, None)
+    wref = [style._run(core.compile_model(core.read_model(style.data), "CPU", style.cfg32), f)["wplus"] for f in x2]
+    synth = _Graph(core, "synth@32", _conv_graph("wplus", "out", "t", 2), [{"wplus": w} for w in wref], 1, None)
+    rec = gate_graph(synth, target_psnr=200.0)
+    assert rec["passed"] and rec["fp32_nodes"] == ["conv_t"]
+    pipe = _Pipeline(style, [(synth, synth.bf16(rec["fp32_nodes"]), lambda i, w: {"wplus": w}, x2)])
+    style_rec = {"passed": True, "graph_precision": "bf16", "fp32_units": [], "fp32_nodes": []}
+    return pipe, style_rec
+
+
+@needs_bf16
+def test_pipeline_gate_pins_style_units_when_the_chain_misses():
+    """Style passes (pretended: no pins) and synth passes, but BF16 style codes into the synth graph
+    miss 200 dB: the pipeline gate moves the style conv to FP32, and the chain is then exact."""
+    from calib.bf16 import gate_pipeline
+
+    pipe, style_rec = _toy_pipeline()
+    per = gate_pipeline(pipe, style_rec, target_psnr=200.0)
+    assert style_rec["fp32_units"] == ["node:conv_s"] and style_rec["fp32_nodes"] == ["conv_s"]
+    assert style_rec["graph_precision"] == "bf16" and style_rec["pipeline_probes"] == 2
+    assert per["synth@32"]["out"].psnr == math.inf
+
+
+@needs_bf16
+def test_pipeline_gate_falls_back_to_a_whole_fp32_style_graph(monkeypatch):
+    """When no style unit can be pinned (here: none offered), the style graph is compiled FP32."""
+    import calib.bf16 as cb
+
+    pipe, style_rec = _toy_pipeline()
+    monkeypatch.setattr(cb, "fp32_units", lambda data, ops: {})
+    per = cb.gate_pipeline(pipe, style_rec, target_psnr=200.0)
+    assert style_rec["graph_precision"] == "fp32" and style_rec["fp32_nodes"] == []
+    assert per["synth@32"]["out"].psnr == math.inf
 
 
 @needs_bf16
@@ -227,8 +308,7 @@ def test_auto_picks_openvino_bf16_only_with_a_passing_gate(exports, caplog):
     with caplog.at_level(logging.INFO, logger="runtime.backends"):
         assert create("auto", d, m, "cpu").name == "ort"
     assert "backend auto -> ort" in caplog.text and "no BF16 accuracy report" in caplog.text
-    m.data[BF16_GATE] = {"target_psnr": 40.0, "graphs": {
-        k: {"sha256": g["sha256"], "passed": True, "fp32_nodes": []} for k, g in m.graphs.items()}}
+    m.data[BF16_GATE] = _passing_gate(m)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="runtime.backends"):
         be = create("auto", d, m, "cpu")

@@ -71,12 +71,18 @@ def test_gpu_mismatch():
                     device=tb.DeviceIdentity("NVIDIA H200", CC))
 
 
-def test_hash_mismatch():
+def test_hash_mismatch(tmp_path):
+    """Engine bytes are read once and checked (Manifest.read_verified, what the backend loads)."""
+    from runtime.manifest import Manifest
+
     data = b"serialized plan"
-    good = {**ENTRY, "sha256": hashlib.sha256(data).hexdigest()}
-    tb.check_engine_bytes("synth@128", good, data)
-    msg = _one_line_error(tb.check_engine_bytes, "synth@128", good, data + b"!")
-    assert "sha256 does not match" in msg
+    m = Manifest({"task": "superres", "engines": {"synth@128": {**ENTRY, "file": "synth.plan",
+                                                                "sha256": hashlib.sha256(data).hexdigest()}}})
+    (tmp_path / "synth.plan").write_bytes(data)
+    assert m.read_verified(tmp_path, "synth@128", kind="engine") == data
+    (tmp_path / "synth.plan").write_bytes(data + b"!")
+    with pytest.raises(SgexError, match=r"sha256 does not match the manifest \(engine synth@128\)"):
+        m.read_verified(tmp_path, "synth@128", kind="engine")
 
 
 def test_stale_onnx():

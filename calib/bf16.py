@@ -34,7 +34,9 @@ The record (JSON, stored in the manifest under runtime.manifest.BF16_GATE):
                               "outputs": {"y": {psnr, max_abs_diff, nan, inf, ...}}}, ...},
      "pipeline": {"synth@128": {"passed": bool, "psnr": worst dB, "outputs": {...}}}}
 
-"passed" needs every graph and every pipeline row to pass; "pipeline" is empty for a task without
+A graph's "psnr" and "outputs" are its own BF16 measurement (with its pins); "graph_precision"
+"fp32" says the runtime compiles it FP32 all the same. "passed" needs every graph and every
+pipeline row to pass; "pipeline" is empty for a task without
 a style graph (sketch2face, mask2face: translate).
 """
 

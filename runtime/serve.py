@@ -29,6 +29,11 @@ max_ongoing_requests keys can be in flight at once, so a request never waits for
 style code (RGB tasks) has its own queue (x2 is always 256x256) and a bounded LRU cache keyed by
 the sha256 of x2, so frames of one clip sent with the same x2 pay for the style once.
 
+Backends: the Engine's backends on exported artifacts: ort, trt, openvino (--precision fp32 or a
+gated bf16, the fastest CPU path measured here) and auto. The torch backend is not served: it
+runs from a checkpoint without the export's buckets, which the batching, the size limits and
+GET /v1/models are built on; export the checkpoint (sgex-export) and serve that.
+
 Errors: body over --max-body-bytes or image over --max-pixels or larger than every bucket -> 413;
 bad image, options or JSON -> 400 {"error": "..."}; full queue (max_ongoing_requests per replica
 plus max_queued_requests at the proxy) -> 503 with Retry-After (Ray Serve's backpressure); any
@@ -80,6 +85,8 @@ examples:
   curl -s http://127.0.0.1:8000/v1/models
   # two replicas of one CPU each, batches of up to 4 requests collected for at most 20 ms
   sgex-serve --artifacts artifacts/toonify --replicas 2 --num-cpus 1 --max-batch 4 --batch-wait-ms 20
+  # OpenVINO BF16 on a CPU with native BF16 (after sgex-calib --bf16 --artifacts artifacts/superres)
+  sgex-serve --artifacts artifacts/superres --backend openvino --precision bf16 --num-cpus 2
   # onto an existing Ray cluster, one GPU per replica, TensorRT engines
   sgex-serve --artifacts /shared/artifacts/superres --address ray://head:10001 --backend trt --num-gpus 1
 
@@ -94,6 +101,9 @@ notes:
 
 # -- configuration --------------------------------------------------------------------------------
 
+BACKENDS = ("auto", "ort", "trt", "openvino")  # Engine backends on exported artifacts (torch: see the module doc)
+
+
 @dataclass
 class ServeConfig:
     """What the deployment needs; JSON-serializable so Ray can ship it to replicas."""
@@ -101,6 +111,7 @@ class ServeConfig:
     artifacts: str
     backend: str = "auto"
     device: str | None = None
+    precision: str | None = None  # openvino only: fp32 | bf16 (bf16 needs a passing BF16 gate)
     replicas: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -130,8 +141,13 @@ class ServeConfig:
         if self.max_ongoing < self.max_batch:
             raise SgexError(f"--max-ongoing ({self.max_ongoing}) must be >= --max-batch ({self.max_batch}), "
                             f"or a batch can never fill")
-        if self.backend not in ("auto", "ort", "trt"):
-            raise SgexError(f"--backend {self.backend!r}: sgex-serve runs exported artifacts (auto, ort, trt)")
+        if self.backend not in BACKENDS:
+            raise SgexError(f"--backend {self.backend!r}: sgex-serve runs exported artifacts ({', '.join(BACKENDS)})")
+        if self.precision is not None and self.backend != "openvino":
+            raise SgexError(f"--precision {self.precision} is for --backend openvino (the other backends run "
+                            f"the export's precision)")
+        if self.precision not in (None, "fp32", "bf16"):
+            raise SgexError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         return self
 
 
@@ -393,7 +409,7 @@ class SgexServer:
         threads = self.config.intra_op_threads()
         _cv2_threads(threads)
         self.engine = Engine(self.config.artifacts, backend=self.config.backend, device=self.config.device,
-                             intra_op_threads=threads)
+                             intra_op_threads=threads, precision=self.config.precision)
         self.spec = self.engine.spec
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sgex-engine")
         wait_s = self.config.batch_wait_ms / 1000.0
@@ -627,7 +643,8 @@ class SgexServer:
         style-cache hits and misses, refused (4xx) and failed (5xx) requests, cache entries, and
         the ONNX Runtime intra-op threads the backend was opened with."""
         return {**self._counts, "style_cache_entries": len(self._style_cache),
-                "intra_op_threads": getattr(self.engine.backend, "intra_op_threads", None)}
+                "intra_op_threads": getattr(self.engine.backend, "intra_op_threads",
+                                            getattr(self.engine.backend, "threads", None))}
 
     def __del__(self):
         pool = getattr(self, "_pool", None)
@@ -734,8 +751,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", required=True, metavar="DIR", help="exported task directory (sgex-export)")
-    p.add_argument("--backend", default="auto", choices=["auto", "ort", "trt"],
-                   help="auto: trt when the export has TensorRT engines and tensorrt imports, else ort (logged)")
+    p.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                   help="auto: trt when the export has TensorRT engines and tensorrt imports; on a CPU, "
+                        "openvino bf16 when the export passed its BF16 gate; else ort (logged)")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="--backend openvino only: fp32 (default) or bf16 (needs a passing sgex-calib --bf16)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: the backend's choice, logged)")
     p.add_argument("--replicas", type=int, default=1, metavar="N", help="replicas of the deployment (default 1)")
     res = p.add_mutually_exclusive_group()
@@ -779,7 +799,8 @@ def config_from_args(args) -> ServeConfig:
         num_gpus = 0.0
     max_ongoing = args.max_ongoing if args.max_ongoing is not None else 4 * args.max_batch
     return ServeConfig(
-        artifacts=str(args.artifacts), backend=args.backend, device=args.device, replicas=args.replicas,
+        artifacts=str(args.artifacts), backend=args.backend, device=args.device, precision=args.precision,
+        replicas=args.replicas,
         num_cpus=num_cpus, num_gpus=num_gpus, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
         max_ongoing=max_ongoing, max_queued=args.max_queued, retry_after_s=args.retry_after,
         max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, style_cache=args.style_cache,

@@ -8,12 +8,36 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Under pytest-xdist (the README's test command runs two workers on the 2-core CI machine) each
+# worker keeps torch to one thread, so the two workers do not oversubscribe the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 TINY_WIDTH_DIV = 4  # channel divisor of the fast-test model (official sizes are width_div=1)
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A directory that build(dir) fills once per test session, shared by the pytest-xdist workers
+    (they share the parent of their base temp directories; without xdist it is the base temp
+    itself): a file lock serialises the build and a marker says it completed, so an export is
+    made once, not once per worker. Tests must copy it before writing into it."""
+    import shutil
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    d = root / f"shared-{name}"
+    with FileLock(str(d) + ".lock"):
+        if not (d / ".complete").is_file():
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+            build(d)
+            (d / ".complete").write_text("")
+    return d
 
 
 def _has_cuda() -> bool:
@@ -80,6 +104,39 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+FP32_EXPORT_RES = 128  # bucket of fp32_export (output side; x1 up to 32)
+
+
+@pytest.fixture(scope="session")
+def fp32_export(tmp_path_factory, tiny_ckpt):
+    """Shared by the calib, OpenVINO and benchmark tests (copy the directory before writing into it).
+    fp32_export(task, latent_scale=1.0) -> task directory of an FP32 portable export at
+    FP32_EXPORT_RES (also fp32_export.res) of the tiny random checkpoint (seed 0), optionally with latent_avg scaled."""
+    cache: dict = {}
+
+    def make(task: str, latent_scale: float = 1.0) -> str:
+        key = (task, latent_scale)
+        if key not in cache:
+            def build(out: Path) -> None:
+                from export.onnx import export_task
+
+                ckpt = tiny_ckpt(task)
+                if latent_scale != 1.0:
+                    import torch
+
+                    obj = torch.load(ckpt, weights_only=True)
+                    obj["latent_avg"] = obj["latent_avg"] * latent_scale
+                    ckpt = str(out / f"{task}-latent-x{latent_scale:g}.pt")
+                    torch.save(obj, ckpt)
+                export_task(task, FP32_EXPORT_RES, ckpt=ckpt, out=str(out), progress=False)
+
+            cache[key] = str(built_once(tmp_path_factory, f"fp32-{task}-x{latent_scale:g}", build) / task)
+        return cache[key]
+
+    make.res = FP32_EXPORT_RES
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny_superres_export(tmp_path_factory, tiny_ckpt):
     """A tiny superres export, made once per session: the export is the slow part of the runtime
@@ -89,8 +146,8 @@ def tiny_superres_export(tmp_path_factory, tiny_ckpt):
     pytest.importorskip("onnxruntime")
     from export.onnx import export_task
 
-    root = tmp_path_factory.mktemp("tiny-export-superres-1024")
-    export_task("superres", 1024, ckpt=tiny_ckpt("superres"), out=root, max_batch=2, progress=False)
+    root = built_once(tmp_path_factory, "tiny-export-superres-1024", lambda out: export_task(
+        "superres", 1024, ckpt=tiny_ckpt("superres"), out=out, max_batch=2, progress=False))
     return root / "superres"
 
 

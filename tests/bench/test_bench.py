@@ -202,15 +202,19 @@ def _native_bf16() -> bool:
 
 
 @pytest.mark.skipif(not _native_bf16(), reason="needs OpenVINO and a CPU with native BF16")
-def test_openvino_fp32_and_bf16_rows(tmp_path, capsys):
-    """The committed CPU command at tiny size: export, BF16 gate, then the benchmark reads the
-    gated artifacts; openvino-bf16 on an ungated export is a one-line error."""
-    from calib.bf16 import gate_artifacts, write_gate
-    from export.onnx import export_task
+def test_openvino_fp32_and_bf16_rows(tmp_path, capsys, fp32_export):
+    """The committed CPU command at tiny size: an export (a copy of the session's tiny superres
+    export, the same random weights as --random-weights --width-div 4 --seed 0), BF16 gate, then
+    the benchmark reads the gated artifacts; openvino-bf16 on an ungated export is a one-line
+    error."""
+    import shutil
 
-    export_task("superres", 32, random_weights=True, width_div=4, seed=0, out=tmp_path, max_batch=1, progress=False)
+    from calib.bf16 import gate_artifacts, write_gate
+
+    res = fp32_export.res
+    shutil.copytree(fp32_export("superres"), tmp_path / "superres")
     art = ["--artifacts", str(tmp_path)]
-    argv = ["--task", "superres", "--res", "32", *TINY, "--seed", "0", *art]
+    argv = ["--task", "superres", "--res", str(res), *TINY, "--seed", "0", *art]
     rc, _, err = _run([*argv, "--backends", "torch-official,openvino-bf16"], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "BF16 accuracy report" in err, err
     record, _ = gate_artifacts(tmp_path / "superres", samples=1, threads=1)
@@ -224,8 +228,9 @@ def test_openvino_fp32_and_bf16_rows(tmp_path, capsys):
     assert r["versions"]["openvino"]
     rows = r["runs"][0]["backends"]
     assert rows["openvino-fp32"]["precision"] == "fp32" and rows["openvino-bf16"]["precision"] == "bf16"
-    assert rows["openvino-fp32"]["settings"]["synth@32"]["config"]["INFERENCE_PRECISION_HINT"] == "f32"
-    assert rows["openvino-bf16"]["settings"]["synth@32"]["config"]["INFERENCE_PRECISION_HINT"] == "bf16"
+    synth = f"synth@{res}"
+    assert rows["openvino-fp32"]["settings"][synth]["config"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert rows["openvino-bf16"]["settings"][synth]["config"]["INFERENCE_PRECISION_HINT"] == "bf16"
     assert rows["openvino-fp32"]["accuracy"]["rel_max_abs_diff"] <= REL_TOL["ort"]
     assert rows["openvino-bf16"]["accuracy"]["finite"]
     assert rows["openvino-bf16"]["accuracy"]["psnr_ref_range_db"] >= 30  # vs the FP32 baseline, end to end

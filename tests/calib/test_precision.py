@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")
 
-RES = 128  # the bucket of the fp32_export fixture (tests/calib/conftest.py; x1 up to 32)
+RES = 128  # the bucket of the fp32_export fixture (tests/conftest.py FP32_EXPORT_RES; x1 up to 32)
 LATENT_SCALE = 1000.0  # latent_avg x this: w+ rows ~1e3, squared styles ~1e6 > FP16 max
 TARGET_PSNR = 40.0
 NAIVE_FAIL_PSNR = 20.0

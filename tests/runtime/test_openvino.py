@@ -24,7 +24,7 @@ from runtime.errors import SgexError  # noqa: E402
 from runtime.manifest import BF16_GATE, Manifest  # noqa: E402
 from runtime.tasks import TASKS, get_task  # noqa: E402
 
-RES = 128  # the exported bucket (output side)
+RES = 128  # the exported bucket (output side): tests/conftest.py FP32_EXPORT_RES
 X1 = RES // 4  # the x1 side the tests feed
 # the engine tests' tolerances (tests/runtime/test_engine.py): w+ within 2e-4 of its peak (the tiny
 # random encoder reaches ~1e3), y within 1e-4 absolute on w+ rescaled to real checkpoints' O(1)
@@ -44,19 +44,14 @@ needs_bf16 = pytest.mark.skipif(not _native_bf16(), reason="this CPU has no nati
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory, tiny_ckpt):
-    """exports(task) -> a fresh copy of a tiny export of `task` (made once per module)."""
-    from export.onnx import export_task
-
+def exports(tmp_path_factory, fp32_export):
+    """exports(task) -> a fresh copy of the session's tiny FP32 export of `task` at RES
+    (tests/conftest.py fp32_export, shared with the calib and bench tests)."""
     root = tmp_path_factory.mktemp("ov-exports")
-    made: dict = {}
 
     def get(task: str):
-        if task not in made:
-            export_task(task, RES, ckpt=tiny_ckpt(task), out=root / "src", max_batch=2, progress=False)
-            made[task] = root / "src" / task
         dst = root / f"copy-{task}-{len(os.listdir(root))}"
-        shutil.copytree(made[task], dst)
+        shutil.copytree(fp32_export(task), dst)
         return dst
 
     return get

@@ -380,6 +380,18 @@ def test_cli_refuses_bad_arguments_before_ray_starts(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("sgex-serve: error:") and text in lines[0], r.stderr
 
 
+async def _asgi_post(srv, path: str, query: bytes, body: bytes):
+    """POST `body` to an in-process SgexServer (no Ray cluster, no HTTP)."""
+    from starlette.requests import Request
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": path, "query_string": query,
+             "headers": [(b"content-length", str(len(body)).encode())]}
+    return await srv(Request(scope, receive))
+
+
 def test_internal_failure_is_500_with_an_id_in_the_log(tiny_superres_export, monkeypatch, caplog):
     """In process (no Ray cluster): an Engine failure inside a batch answers 500 with an id, and
     the same id with the traceback is in the log; an SgexError there is a 500 too, since every
@@ -390,7 +402,6 @@ def test_internal_failure_is_500_with_an_id_in_the_log(tiny_superres_export, mon
     import traceback
 
     import ray.serve.batching as batching
-    from starlette.requests import Request
 
     from runtime import io as rio
     from runtime import serve as rs
@@ -402,13 +413,8 @@ def test_internal_failure_is_500_with_an_id_in_the_log(tiny_superres_export, mon
                                        batch_wait_ms=0).__dict__)
     body = rio.encode_image(np.zeros((16, 16, 3), np.uint8), ".png")
 
-    async def call():
-        async def receive():
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        scope = {"type": "http", "method": "POST", "path": "/v1/superres", "query_string": b"seed=1",
-                 "headers": [(b"content-length", str(len(body)).encode())]}
-        return await srv(Request(scope, receive))
+    def call():
+        return _asgi_post(srv, "/v1/superres", b"seed=1", body)
 
     failures = (RuntimeError("disk on fire"), SgexError("backend lost its session"))
 
@@ -432,3 +438,40 @@ def test_internal_failure_is_500_with_an_id_in_the_log(tiny_superres_export, mon
         assert len(logged) == 1 and logged[0].exc_info is not None
         assert str(exc) in "".join(traceback.format_exception(*logged[0].exc_info))
     assert srv.stats()["errors_5xx"] == 2 and srv.stats()["errors_4xx"] == 0
+
+
+def test_openvino_backend_in_process(tiny_superres_export, tmp_path, monkeypatch):
+    """--backend openvino --precision fp32: the replica's Engine runs OpenVINO with the replica's
+    threads, and a request's answer equals that Engine's output byte for byte (in process, as the
+    500 test above); --precision without openvino is refused before anything starts."""
+    pytest.importorskip("openvino")
+    import asyncio
+    import shutil
+
+    import ray.serve.batching as batching
+
+    from runtime import serve as rs
+    from runtime.engine import Engine
+    from runtime.errors import SgexError
+
+    art = tmp_path / "superres"  # a copy: OpenVINO writes its compiled-model cache next to the graphs
+    shutil.copytree(tiny_superres_export, art)
+    tiny_superres_export = art
+    with pytest.raises(SgexError, match="--precision bf16 is for --backend openvino"):
+        rs.ServeConfig(artifacts=str(tiny_superres_export), backend="ort", precision="bf16").check()
+    args = rs.build_parser().parse_args(["--artifacts", str(tiny_superres_export), "--backend", "openvino",
+                                         "--precision", "fp32", "--num-cpus", "1"])
+    cfg = rs.config_from_args(args)
+    assert (cfg.backend, cfg.precision, cfg.intra_op_threads()) == ("openvino", "fp32", 1)
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
+                        lambda self: None)
+    srv = rs.SgexServer(rs.ServeConfig(**{**cfg.__dict__, "max_batch": 1, "max_ongoing": 2,
+                                          "batch_wait_ms": 0}).__dict__)
+    assert srv.engine.backend.name == "openvino" and srv.stats()["intra_op_threads"] == 1
+    img = _image(3, (16, 16))
+    body = _png(img)
+
+    r = asyncio.run(_asgi_post(srv, "/v1/superres", b"seed=5", body))
+    assert r.status_code == 200 and r.headers["x-sgex-backend"] == "openvino"
+    ref = Engine(tiny_superres_export, backend="openvino", precision="fp32", intra_op_threads=1)
+    assert r.body == _png(ref.process(img, seed=5))

@@ -23,8 +23,9 @@ Backends (each only if available; one named explicitly that is not available is 
 Modes: "image" times style + synth per image (batch); "video" times style once per clip and synth
 per frame (the baseline recomputes the style per frame, as the official video script does).
 
-End to end (video mode, sgex's backends): a synthetic clip of --frames frames at the bucket's largest x1,
-res/4 x res/4, so the written frames are res x res as in the model-time rows (seeded noise, 25 fps; H.264 + an AAC tone when PyAV is installed, else OpenCV mp4v) goes through
+End to end (video mode, sgex's backends): a synthetic clip of --frames frames at the bucket's
+largest x1, res/4 x res/4, so the written frames are res x res as in the model-time rows (seeded
+noise, 25 fps; H.264 + an AAC tone when PyAV is installed, else OpenCV mp4v) goes through
 `runtime.video.run_video` exactly as `sgex-run` runs it: decode, `Engine.process_video` in batches
 of --batch, encode (PyAV: libx264 at the default CRF with the audio copied; OpenCV: mp4v). Each
 library is timed serially (one thread, stage after stage) and pipelined (decode and encode threads

@@ -36,8 +36,8 @@ The record (JSON, stored in the manifest under runtime.manifest.BF16_GATE):
 
 A graph's "psnr" and "outputs" are its own BF16 measurement (with its pins); "graph_precision"
 "fp32" says the runtime compiles it FP32 all the same. "passed" needs every graph and every
-pipeline row to pass; "pipeline" is empty for a task without
-a style graph (sketch2face, mask2face: translate).
+pipeline row to pass; "pipeline" is empty for a task without a style graph (sketch2face,
+mask2face: translate).
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def _shortest_prefix(lo: int, n: int, measure: Callable[[int], tuple[dict, objec
             break
         base, step = k, step * 2
     if hi is None:
-        if n > base and not ok(n) or n == base and not ok(n):
+        if not ok(n):  # n >= base here; ok(n) is cached when the doubling already probed it
             return n, last[1], last[2], len(seen)
         hi = n
     while hi - base > 1:

@@ -64,6 +64,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from runtime._cli import run_main, setup_logging
+from runtime.backends.openvino import PRECISIONS  # no OpenVINO import: the names only
 from runtime.errors import SgexError, require
 
 log = logging.getLogger("sgex-serve")
@@ -146,8 +147,8 @@ class ServeConfig:
         if self.precision is not None and self.backend != "openvino":
             raise SgexError(f"--precision {self.precision} is for --backend openvino (the other backends run "
                             f"the export's precision)")
-        if self.precision not in (None, "fp32", "bf16"):
-            raise SgexError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in (None, *PRECISIONS):
+            raise SgexError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         return self
 
 
@@ -754,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=list(BACKENDS),
                    help="auto: trt when the export has TensorRT engines and tensorrt imports; on a CPU, "
                         "openvino bf16 when the export passed its BF16 gate; else ort (logged)")
-    p.add_argument("--precision", choices=["fp32", "bf16"],
+    p.add_argument("--precision", choices=list(PRECISIONS),
                    help="--backend openvino only: fp32 (default) or bf16 (needs a passing sgex-calib --bf16)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: the backend's choice, logged)")
     p.add_argument("--replicas", type=int, default=1, metavar="N", help="replicas of the deployment (default 1)")

@@ -15,8 +15,8 @@ records, in the manifest field named by runtime.manifest.BF16_GATE, which ONNX n
 FP32 (`fp32_nodes`, or a whole graph: `graph_precision` "fp32"), whether the graph passed, tied
 to the graph's sha256, and whether the style -> synth pipeline passed. precision="bf16" refuses a
 directory without a passing record (of the current GATE_VERSION) for every graph and the
-pipeline unless force_precision=True (then it logs a warning). Pinned nodes are kept in FP32 with OpenVINO's per-node runtime attribute
-"precise" (ov::DisableFP16Compression, honoured by the CPU plugin's BF16 enforcement); the Python
+pipeline unless force_precision=True (then it logs a warning). Pinned nodes are kept in FP32
+with OpenVINO's per-node runtime attribute "precise" (ov::DisableFP16Compression, honoured by the CPU plugin's BF16 enforcement); the Python
 API cannot create that attribute, so the graph is written once as OpenVINO IR in a private temp
 directory, the attribute is added to the pinned layers' XML and the IR is read back
 (`pin_fp32`). OpenVINO's ONNX frontend names each op after its ONNX node, which is how nodes are
